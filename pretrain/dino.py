@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""DINO pretraining of a per-modality ViT encoder. See ``--help``; the logic is in ``visionfm.pretrain_cli``."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from visionfm.pretrain_cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

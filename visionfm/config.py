@@ -1,0 +1,110 @@
+"""One config system: a default YAML, an experiment YAML and ``key=value`` overrides.
+
+The merged result is a plain nested dict, written next to the run's outputs (``config.yaml``) so that a
+run can be reproduced from its folder alone.
+
+Example:
+    >>> cfg = merge({"optim": {"lr": 1e-3, "epochs": 10}}, {"optim": {"epochs": 2}})
+    >>> apply_overrides(cfg, ["optim.lr=5e-4"])["optim"]
+    {'lr': 0.0005, 'epochs': 2}
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+import yaml
+
+__all__ = ["CONFIG_DIR", "ConfigError", "load_yaml", "merge", "apply_overrides", "build_config", "save_config"]
+
+#: The repository's ``configs/`` folder (the package is used from a checkout or an editable install).
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used."""
+
+
+def load_yaml(path: "str | os.PathLike") -> Dict[str, Any]:
+    """Read a YAML mapping; an empty file is an empty dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
+    """Recursively merge ``update`` into a copy of ``base`` (mappings merge, everything else replaces)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _set_dotted(cfg: Dict[str, Any], dotted: str, value: Any, strict: bool) -> None:
+    keys = dotted.split(".")
+    node = cfg
+    for i, key in enumerate(keys[:-1]):
+        if key not in node:
+            if strict:
+                raise ConfigError(f"unknown config key {'.'.join(keys[: i + 1])!r} in override {dotted!r}")
+            node[key] = {}
+        if not isinstance(node[key], dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])!r} is not a section")
+        node = node[key]
+    if strict and keys[-1] not in node:
+        known = ", ".join(sorted(node)) or "(none)"
+        raise ConfigError(f"unknown config key {dotted!r}; keys at this level: {known}")
+    node[keys[-1]] = value
+
+
+def apply_overrides(cfg: Dict[str, Any], overrides: Iterable[str], strict: bool = True) -> Dict[str, Any]:
+    """Apply ``section.key=value`` strings; values are parsed as YAML (``1e-3``, ``true``, ``[1, 2]``).
+
+    With ``strict`` (the default) a key that is not already in the config is an error, which catches typos
+    that would otherwise be silently ignored.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(cfg, key.strip(), value, strict)
+    return cfg
+
+
+def build_config(default: "str | os.PathLike", experiment: Optional["str | os.PathLike"] = None,
+                 flags: Optional[Mapping[str, Any]] = None, overrides: Iterable[str] = ()) -> Dict[str, Any]:
+    """Merge, in increasing priority: the default YAML, the experiment YAML, explicit CLI flags
+    (dotted keys; ``None`` values mean "not given"), and ``--set`` overrides."""
+    cfg = load_yaml(default)
+    if experiment:
+        cfg = merge(cfg, load_yaml(experiment))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set_dotted(cfg, key, value, strict=False)
+    return apply_overrides(cfg, overrides)
+
+
+def save_config(cfg: Mapping[str, Any], path: "str | os.PathLike") -> None:
+    """Write the merged config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

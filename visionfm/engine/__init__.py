@@ -1,0 +1,1 @@
+"""Training machinery: checkpoints, distributed set-up, precision, the DINO training loop."""

@@ -1,0 +1,332 @@
+"""The DINO pretraining loop: data, multi-crop augmentation, student/teacher steps, schedules, logging,
+checkpoints (atomic, every epoch and on SIGTERM/SIGINT, automatic resume) and export."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from lightly.loss import DINOLoss
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import save_config
+from ..data.augment import MultiCropAugmentation
+from ..data.synthetic import SyntheticImages
+from ..data.unlabeled import UnlabeledImages, list_images
+from ..modalities import get_modality
+from ..models.vit import create_encoder
+from ..objectives.dino import DINOModel, DINOSchedules, collapse_monitors
+from ..weights.export import save_encoder, update_index
+from .checkpoint import atomic_save, restart_from_checkpoint
+from .distributed import DistInfo, barrier, init_distributed
+from .precision import autocast, resolve_precision
+
+__all__ = ["NonFiniteLossError", "DINOTrainer", "param_groups", "step_seed"]
+
+log = logging.getLogger("visionfm.dino")
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def param_groups(model: torch.nn.Module) -> List[Dict[str, Any]]:
+    """Two groups as in DINO: weights with decay; biases and norm parameters (1-D tensors) without."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one step's randomness (crops, flips, colour, drop-path): a function of the run's seed, the
+    global step and the rank only, so a resumed run repeats exactly what an uninterrupted run does."""
+    return ((seed * 1_000_003 + step) * 1_009 + rank) % (2 ** 63)
+
+
+class DINOTrainer:
+    """Runs one DINO pretraining from a merged config (see ``configs/pretrain/default.yaml``).
+
+    Args:
+        cfg: The merged config dict.
+        output: Run folder (checkpoint, config.yaml, TensorBoard events, encoder.safetensors).
+    """
+
+    def __init__(self, cfg: Dict[str, Any], output: "str | Path") -> None:
+        self.cfg = cfg
+        self.output = Path(output)
+        self.modality = get_modality(cfg["modality"])
+        cfg["modality"] = self.modality.name
+        train = cfg["train"]
+        from ..cli import resolve_device
+
+        self.device = resolve_device(train.get("device"))
+        self.dist: DistInfo = init_distributed(self.device)
+        self.is_main = self.dist.rank == 0
+        self.seed = int(train["seed"])
+        self.amp_dtype, use_scaler = resolve_precision(train.get("precision", "auto"), self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+        self._stop_signal: Optional[int] = None
+
+    # ----------------------------------------------------------------------------------------- setup
+    def _build_data(self) -> None:
+        cfg, data = self.cfg, self.cfg["data"]
+        crops = cfg["crops"]
+        load_size = data.get("load_size") or int(round(crops["global_size"] * 1.15))
+        if data.get("source"):
+            files = list_images(data["source"], limit=data.get("limit"))
+            self.dataset = UnlabeledImages(files, self.modality, load_size, skip_corrupt=bool(data.get("skip_corrupt")),
+                                           cache=bool(data.get("cache", True)))
+        else:
+            count = data.get("synthetic_count", 64)
+            if data.get("limit"):
+                count = min(count, int(data["limit"]))
+            self.dataset = SyntheticImages(self.modality, count=count, size=load_size, seed=self.seed)
+        self.data_description = self.cfg["export"].get("data_description") or self.dataset.describe()
+        self.sampler = self._make_sampler()
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=int(data.get("num_workers", 0)),
+                                 pin_memory=self.device.type == "cuda", persistent_workers=False)
+        self.augment = MultiCropAugmentation(self.modality, crops["global_size"], crops["local_size"],
+                                             crops["local_number"], crops["global_scale"],
+                                             crops["local_scale"]).to(self.device)
+
+    def _make_sampler(self):
+        from .sampler import EpochBatchSampler
+
+        return EpochBatchSampler(len(self.dataset), int(self.cfg["optim"]["batch_size"]), self.seed,
+                                 self.dist.rank, self.dist.world_size)
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(self.seed)
+        encoder = create_encoder(cfg["model"]["arch"], cfg["model"]["patch_size"], cfg["crops"]["global_size"],
+                                 drop_path_rate=cfg["model"].get("drop_path_rate", 0.0))
+        self.embed_dim = encoder.embed_dim
+        head = cfg["head"]
+        self.model = DINOModel(encoder, encoder.embed_dim, head["out_dim"], head["hidden_dim"], head["bottleneck_dim"],
+                               head["norm_last_layer"], head["freeze_last_layer_epochs"]).to(self.device)
+        self.student: torch.nn.Module = self.model.student
+        if self.dist.enabled:
+            self.student = DistributedDataParallel(self.model.student,
+                                                   device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        dino = cfg["dino"]
+        self.loss_fn = DINOLoss(head["out_dim"], student_temp=dino["student_temp"],
+                                center_momentum=dino["center_momentum"]).to(self.device)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups(self.model.student), lr=0.0,
+                                           foreach=None if fused else True, fused=True if fused else None)
+        optim = cfg["optim"]
+        self.epochs = int(optim["epochs"])
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.global_batch = int(optim["batch_size"]) * self.dist.world_size
+        self.schedules = DINOSchedules.build(optim, dino, self.epochs, self.steps_per_epoch, self.global_batch)
+
+    # ----------------------------------------------------------------------------------------- state
+    def state_dict(self, epoch: int, step_in_epoch: int, global_step: int) -> Dict[str, Any]:
+        return {
+            "student": self.model.student.state_dict(),
+            "teacher": self.model.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "dino_loss": self.loss_fn.state_dict(),
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "rng_torch": torch.get_rng_state(),
+            "config": self.cfg,
+        }
+
+    def save_checkpoint(self, epoch: int, step_in_epoch: int, global_step: int) -> None:
+        if self.is_main:
+            atomic_save(self.state_dict(epoch, step_in_epoch, global_step), self.output / CHECKPOINT_NAME)
+        barrier()
+
+    def _maybe_resume(self) -> Dict[str, int]:
+        position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+        path = self.output / CHECKPOINT_NAME
+        if not path.is_file():
+            return position
+        ckpt = restart_from_checkpoint(path, position, map_location=self.device, student=self.model.student,
+                                       teacher=self.model.teacher, optimizer=self.optimizer, dino_loss=self.loss_fn)
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self._warn_config_changes(ckpt.get("config") or {})
+        if self.is_main:
+            log.info("resuming from %s at epoch %d, step %d (global step %d)", path, position["epoch"],
+                     position["step_in_epoch"], position["global_step"])
+        return position
+
+    def _warn_config_changes(self, old: Dict[str, Any], prefix: str = "", new: Optional[Dict[str, Any]] = None) -> None:
+        new = self.cfg if new is None else new
+        for key in sorted(set(old) | set(new)):
+            a, b = old.get(key), new.get(key)
+            if isinstance(a, dict) and isinstance(b, dict):
+                self._warn_config_changes(a, f"{prefix}{key}.", b)
+            elif a != b and f"{prefix}{key}" not in ("train.max_steps", "export.to"):
+                log.warning("config differs from the checkpoint's: %s%s = %r (was %r)", prefix, key, b, a)
+
+    # ----------------------------------------------------------------------------------------- loop
+    def _on_signal(self, signum, _frame) -> None:
+        self._stop_signal = signum
+        log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
+
+    def train_step(self, images: torch.Tensor, global_step: int, epoch: int) -> Dict[str, float]:
+        """One optimiser step on a batch of ``uint8`` images."""
+        s = self.schedules
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(s.lr[global_step])
+            if group["apply_wd"]:
+                group["weight_decay"] = float(s.weight_decay[global_step])
+        torch.manual_seed(step_seed(self.seed, global_step, self.dist.rank))
+        images = images.to(self.device, non_blocking=True)
+        global_views, local_views = self.augment(images)
+        teacher_temp = float(s.teacher_temp[global_step])
+        with autocast(self.device, self.amp_dtype):
+            with torch.no_grad():
+                teacher_out = self.model.teacher(global_views)
+            student_out = self.student(global_views + local_views)
+        teacher_out = [t.float() for t in teacher_out]
+        loss = self.loss_fn(teacher_out, [o.float() for o in student_out], teacher_temp=teacher_temp)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at global step {global_step} (epoch {epoch}); stopping. The last good "
+                f"checkpoint is kept at {self.output / CHECKPOINT_NAME}. Try a lower --lr, a longer warm-up, or "
+                "--set train.precision=fp32")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        clip = self.cfg["optim"].get("clip_grad")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.student.parameters(), clip, foreach=True) if clip else None
+        self.model.cancel_last_layer_gradients(epoch)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.model.update_teacher(float(s.momentum[global_step]))
+        stats = {"loss": loss.item(), "lr": float(s.lr[global_step]), "weight_decay": float(s.weight_decay[global_step]),
+                 "momentum": float(s.momentum[global_step]), "teacher_temp": teacher_temp}
+        if grad_norm is not None:
+            stats["grad_norm"] = float(grad_norm)
+        if global_step % int(self.cfg["train"].get("log_every", 10)) == 0:
+            stats.update(collapse_monitors(teacher_out, self.loss_fn.center, teacher_temp))
+        return stats
+
+    def train(self) -> Dict[str, Any]:
+        """Run (or resume) the whole pretraining and export the teacher backbone. Returns a summary."""
+        if self.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+        self._build_data()
+        self._build_model()
+        position = self._maybe_resume()
+        if self.is_main:
+            save_config(self.cfg, self.output / "config.yaml")
+        writer = None
+        if self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.output / "tensorboard"))
+            log.info("modality %s | data: %s | %s, %d steps/epoch x %d epochs, global batch %d, %s on %s",
+                     self.modality.name, self.data_description, self.cfg["model"]["arch"], self.steps_per_epoch,
+                     self.epochs, self.global_batch, str(self.amp_dtype or "fp32").replace("torch.", ""), self.device)
+        max_steps = self.cfg["train"].get("max_steps")
+        total_steps = len(self.schedules) if not max_steps else min(len(self.schedules), int(max_steps))
+        every = self.cfg["train"].get("checkpoint_every_steps")
+        old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        global_step, epoch = position["global_step"], position["epoch"]
+        stats: Dict[str, float] = {}
+        start_time = time.perf_counter()
+        steps_done = 0
+        try:
+            self.model.train()
+            self.model.teacher.eval()
+            while epoch < self.epochs and global_step < total_steps:
+                start = position["step_in_epoch"] if epoch == position["epoch"] else 0
+                self.sampler.set_epoch(epoch, start)
+                bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.is_main,
+                           initial=start, total=self.steps_per_epoch, mininterval=1.0 if sys.stderr.isatty() else 10.0,
+                           dynamic_ncols=True)
+                step_in_epoch = start
+                for images in bar:
+                    t0 = time.perf_counter()
+                    stats = self.train_step(images, global_step, epoch)
+                    global_step += 1
+                    step_in_epoch += 1
+                    steps_done += 1
+                    stats["images_per_s"] = self.global_batch / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.1f}")
+                    if writer is not None:
+                        for key, value in stats.items():
+                            writer.add_scalar(f"train/{key}", value, global_step)
+                    done = global_step >= total_steps
+                    if self._stop_signal is not None or (every and global_step % int(every) == 0 and not done):
+                        self.save_checkpoint(epoch, step_in_epoch, global_step)
+                    if self._stop_signal is not None:
+                        log.warning("stopped by signal; checkpoint saved at global step %d; rerun the same command to "
+                                    "resume", global_step)
+                        raise SystemExit(128 + self._stop_signal)
+                    if done:
+                        break
+                bar.close()
+                if step_in_epoch >= self.steps_per_epoch:
+                    epoch += 1
+                    step_in_epoch = 0
+                self.save_checkpoint(epoch, step_in_epoch, global_step)
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            if writer is not None:
+                writer.close()
+        elapsed = time.perf_counter() - start_time
+        summary = {"global_step": global_step, "epoch": epoch, "final_loss": stats.get("loss"),
+                   "steps_this_run": steps_done, "seconds_this_run": round(elapsed, 2), "data": self.data_description}
+        if self.is_main:
+            self.export(global_step)
+        return summary
+
+    # ----------------------------------------------------------------------------------------- export
+    def export_metadata(self, global_step: int) -> Dict[str, Any]:
+        cfg = self.cfg
+        return {"format": "visionfm-encoder/1", "modality": self.modality.name, "arch": cfg["model"]["arch"].split("_patch")[0],
+                "patch_size": int(cfg["model"]["patch_size"]), "img_size": int(cfg["crops"]["global_size"]),
+                "embed_dim": int(self.embed_dim), "mean": list(self.modality.mean), "std": list(self.modality.std),
+                "steps": int(global_step), "objective": "dino", "data": self.data_description,
+                "timm_class": "timm.models.vision_transformer.VisionTransformer"}
+
+    def export(self, global_step: int) -> Path:
+        """Write the teacher backbone to ``<output>/encoder.safetensors`` (fp32) and, with ``export.to``, to
+        ``<dir>/<modality>_<arch>.safetensors`` (fp16) with an index entry."""
+        state = self.model.teacher.backbone.state_dict()
+        meta = self.export_metadata(global_step)
+        path = self.output / "encoder.safetensors"
+        save_encoder(state, path, meta)
+        log.info("exported teacher encoder to %s", path)
+        target_dir = self.cfg["export"].get("to")
+        if target_dir:
+            name = f"{meta['modality']}_{meta['arch']}.safetensors"
+            sha = save_encoder(state, Path(target_dir) / name, {**meta, "dtype": "float16"}, dtype=torch.float16)
+            update_index(target_dir, name, {**meta, "dtype": "float16"}, sha)
+            log.info("exported fp16 encoder to %s", Path(target_dir) / name)
+        return path
+
+
+def export_only(cfg: Dict[str, Any], output: "str | Path") -> Path:
+    """Export the teacher of an existing run folder's checkpoint without training (``--export``)."""
+    trainer = DINOTrainer(cfg, output)
+    trainer._build_data()
+    trainer._build_model()
+    position = trainer._maybe_resume()
+    if position["global_step"] == 0:
+        raise FileNotFoundError(f"no checkpoint with progress in {output}: nothing to export")
+    return trainer.export(position["global_step"])

@@ -1,0 +1,45 @@
+"""Mixed precision: bf16 autocast where the hardware supports it, fp16 + grad scaler on older GPUs."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Optional, Tuple
+
+import torch
+
+__all__ = ["resolve_precision", "autocast"]
+
+
+def _cpu_bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(setting: str, device: torch.device) -> Tuple[Optional[torch.dtype], bool]:
+    """Map ``auto|bf16|fp16|fp32`` to ``(autocast dtype or None, needs a grad scaler)``.
+
+    ``auto``: bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16/AMX), fp16 with a scaler on
+    other GPUs, fp32 elsewhere.
+    """
+    setting = str(setting).lower()
+    if setting not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {setting!r}")
+    if setting == "fp32":
+        return None, False
+    if device.type == "cuda":
+        if setting == "fp16" or (setting == "auto" and not torch.cuda.is_bf16_supported()):
+            return torch.float16, True
+        return torch.bfloat16, False
+    if setting == "fp16":
+        raise ValueError("fp16 autocast is for GPUs; use bf16 or fp32 on the CPU")
+    if setting == "auto" and not _cpu_bf16_supported():
+        return None, False
+    return torch.bfloat16, False
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,93 @@
+"""``python pretrain/dino.py``: DINO pretraining of one modality's encoder (the CLI's logic lives here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .cli import add_common_arguments
+from .config import CONFIG_DIR, ConfigError, build_config
+from .modalities import MODALITIES, UnknownModalityError, get_modality
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain/dino.py",
+        description="Pretrain a ViT encoder for one imaging modality with DINO self-distillation. Without --data "
+                    "a small built-in synthetic set of the modality is used (a demo). Rerunning the same command "
+                    "with the same --output resumes from the last checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--modality", required=True,
+                        help=f"imaging modality; one of {', '.join(MODALITIES)} (VisionFM spellings such as Fundus, "
+                             "OCT, SlitLamp are accepted)")
+    parser.add_argument("--data", metavar="DIR|CSV", default=None,
+                        help="folder tree of images (png/jpg/tif/bmp, 8/16-bit, grey or colour) or a CSV with a "
+                             "'path' column; default: built-in synthetic images")
+    parser.add_argument("--arch", default=None, help="vit_tiny, vit_small, vit_base or vit_large")
+    parser.add_argument("--patch-size", type=int, default=None, help="ViT patch size: 16, 14 or 8")
+    parser.add_argument("--img-size", type=int, default=None, help="global crop size in pixels")
+    parser.add_argument("--local-crops", type=int, default=None, help="number of local crops per image")
+    parser.add_argument("--local-size", type=int, default=None, help="local crop size in pixels")
+    parser.add_argument("--out-dim", type=int, default=None, help="number of DINO prototypes (head output size)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per process and step")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="base learning rate for a global batch of 256 (scaled linearly with the batch)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None,
+                        help="mixed precision: auto = bf16 where supported (CPU and GPU), fp16+scaler on older GPUs")
+    parser.add_argument("--skip-corrupt", action="store_true", default=None,
+                        help="leave unreadable images out (counted in the log) instead of stopping with an error")
+    parser.add_argument("--export-to", metavar="DIR", default=None,
+                        help="also export the teacher encoder as DIR/<modality>_<arch>.safetensors (fp16) with an "
+                             "index.json entry, e.g. --export-to weights/")
+    parser.add_argument("--export", action="store_true",
+                        help="only export the encoder from the checkpoint in --output, without training")
+    add_common_arguments(parser, default_output="runs/dino")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    try:
+        modality = get_modality(args.modality)
+    except UnknownModalityError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    flags = {
+        "modality": modality.name, "data.source": args.data, "data.limit": args.limit,
+        "data.skip_corrupt": args.skip_corrupt, "model.arch": args.arch, "model.patch_size": args.patch_size,
+        "crops.global_size": args.img_size, "crops.local_number": args.local_crops, "crops.local_size": args.local_size,
+        "head.out_dim": args.out_dim, "optim.epochs": args.epochs, "optim.batch_size": args.batch_size,
+        "optim.lr": args.lr, "train.seed": args.seed, "train.device": args.device, "train.precision": args.precision,
+        "train.max_steps": args.max_steps, "export.to": args.export_to,
+    }
+    try:
+        cfg = build_config(CONFIG_DIR / "pretrain" / "default.yaml", args.config, flags, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # Imported here so that --help and config errors answer without loading torch.
+    from .data.io import ImageReadError
+    from .data.unlabeled import DataError
+    from .engine.dino_trainer import DINOTrainer, NonFiniteLossError, export_only
+
+    try:
+        if args.export:
+            export_only(cfg, args.output)
+            return 0
+        summary = DINOTrainer(cfg, args.output).train()
+    except (DataError, ImageReadError, NonFiniteLossError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    out = Path(args.output)
+    if (out / "encoder.safetensors").is_file():
+        print(f"encoder: {out / 'encoder.safetensors'}")
+    return 0
