@@ -84,6 +84,11 @@ def apply_overrides(cfg: Dict[str, Any], overrides: Iterable[str], strict: bool 
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-3" (no dot) as a string; users mean a number
+                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+            except ValueError:
+                pass
         _set_dotted(cfg, key.strip(), value, strict)
     return cfg
 

@@ -26,9 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modality", required=True,
                         help=f"imaging modality; one of {', '.join(MODALITIES)} (VisionFM spellings such as Fundus, "
                              "OCT, SlitLamp are accepted)")
-    parser.add_argument("--data", metavar="DIR|CSV", default=None,
-                        help="folder tree of images (png/jpg/tif/bmp, 8/16-bit, grey or colour) or a CSV with a "
-                             "'path' column; default: built-in synthetic images")
+    parser.add_argument("--data", metavar="DIR|CSV|SOURCES", default=None,
+                        help="folder tree of images (png/jpg/tif/bmp, 8/16-bit, grey or colour), a CSV with a "
+                             "'path' column, or named training splits under --data-root such as "
+                             "DRIVE:train,IDRiD:train,OCT_DME:train; default: built-in synthetic images")
     parser.add_argument("--arch", default=None, help="vit_tiny, vit_small, vit_base or vit_large")
     parser.add_argument("--patch-size", type=int, default=None, help="ViT patch size: 16, 14 or 8")
     parser.add_argument("--img-size", type=int, default=None, help="global crop size in pixels")
@@ -74,8 +75,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # Imported here so that --help and config errors answer without loading torch.
+    from .cli import resolve_data_root
     from .data.io import ImageReadError
+    from .data.sources import is_named_source, resolve_named_source, write_source_csv
     from .data.unlabeled import DataError
+
+    source = cfg["data"].get("source")
+    if source and is_named_source(source):
+        # Named sources become an explicit file list in the run folder: a record of what was seen.
+        try:
+            files = resolve_named_source(source, resolve_data_root(args.data_root), modality.name)
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        cfg["data"]["source_spec"] = source
+        cfg["data"]["source"] = str(write_source_csv(files, Path(args.output) / "pretrain_images.csv"))
+        if not cfg["export"].get("data_description"):
+            cfg["export"]["data_description"] = f"{len(files)} images: {source} (training splits only)"
     from .engine.dino_trainer import DINOTrainer, NonFiniteLossError, export_only
 
     try:

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny configs, tiny images, the real data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("VISIONFM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} not present")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Twelve small random RGB PNGs in a nested folder."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(12):
+        arr = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / ("sub" if i % 2 else "") / f"img_{i:02d}.png")
+    return folder
+
+
+def tiny_pretrain_config(**overrides) -> dict:
+    """The default pretraining config shrunk to run a step in well under a second."""
+    from visionfm.config import CONFIG_DIR, apply_overrides, load_yaml
+
+    cfg = load_yaml(CONFIG_DIR / "pretrain" / "default.yaml")
+    base = {
+        "modality": "oct", "data.synthetic_count": 8, "data.load_size": 40, "model.arch": "vit_tiny",
+        "model.drop_path_rate": 0.1, "head.out_dim": 128, "head.hidden_dim": 64, "head.bottleneck_dim": 32,
+        "crops.global_size": 32, "crops.local_number": 2, "crops.local_size": 16, "optim.epochs": 2,
+        "optim.batch_size": 4, "optim.warmup_epochs": 1, "train.device": "cpu", "train.log_every": 1,
+    }
+    base.update(overrides)
+    return apply_overrides(cfg, [f"{k}={v}" for k, v in base.items()])

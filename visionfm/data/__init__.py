@@ -1,0 +1,1 @@
+"""Image reading, datasets and augmentation."""
