@@ -142,7 +142,8 @@ def test_retfound_mae_pretraining_checkpoint(tmp_path):
     model = make_vit(5)
     decoder = {"mask_token": torch.randn(1, 1, 192), "decoder_embed.weight": torch.randn(96, 192),
                "decoder_embed.bias": torch.randn(96), "decoder_pos_embed": torch.randn(1, 17, 96),
-               "decoder_blocks.0.norm1.weight": torch.randn(96), "decoder_blocks.0.attn.qkv.weight": torch.randn(288, 96),
+               "decoder_blocks.0.norm1.weight": torch.randn(96),
+               "decoder_blocks.0.attn.qkv.weight": torch.randn(288, 96),
                "decoder_norm.weight": torch.randn(96), "decoder_pred.weight": torch.randn(768, 96)}
     ckpt = {"model": {**model.state_dict(), **decoder}, "optimizer": {"state": {}, "param_groups": []},
             "epoch": 799, "scaler": {"scale": 1024.0},
@@ -301,3 +302,13 @@ def test_resolution_by_modality_and_clear_error(tmp_path):
     torch.testing.assert_close(features(encoder, images()), features(model, images()), rtol=0, atol=0)
     with pytest.raises(WeightsNotFoundError, match=r"no oct encoder weights.*cfp_vit_tiny_d2.safetensors.*convert"):
         load_encoder("OCT", weights_dir=tmp_path)
+
+
+def test_dinov2_chunked_blocks_are_renumbered():
+    """DINOv2's FSDP block chunks (blocks.<chunk>.<index>.) become timm's blocks.<index>."""
+    state = {"blocks.0.0.norm1.weight": torch.ones(2), "blocks.0.1.norm1.weight": torch.zeros(2),
+             "blocks.1.2.norm1.weight": torch.full((2,), 2.0), "blocks.1.3.ls1.gamma": torch.full((2,), 3.0)}
+    mapped, _ = map_to_timm(state, "dinov2")
+    assert sorted(mapped) == ["blocks.0.norm1.weight", "blocks.1.norm1.weight", "blocks.2.norm1.weight",
+                              "blocks.3.ls1.gamma"]
+    assert torch.equal(mapped["blocks.2.norm1.weight"], torch.full((2,), 2.0))
