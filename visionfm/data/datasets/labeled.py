@@ -262,7 +262,8 @@ class LabeledImages(Dataset):
 
     def _load(self, index: int) -> torch.Tensor:
         path = self.samples[index].path
-        image = read_image(path, channels=self.modality.channels)
+        # JPEGs may decode at a reduced scale that still covers ``size`` (much faster for large photographs).
+        image = read_image(path, channels=self.modality.channels, min_size=self.size)
         image = square_and_resize(image, self.size, self.modality.augment.square_crop)
         tensor = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).contiguous()
         if tensor.shape[0] == 1:

@@ -1,0 +1,219 @@
+"""Full fine-tuning of an encoder with a classification head.
+
+BEiT/MAE-style recipe: AdamW with layer-wise learning-rate decay (timm's ``param_groups_layer_decay``: the
+head and last block learn at the full rate, each block below at ``layer_decay`` times the one above),
+stochastic depth (set when the encoder is loaded), optional mixup/cutmix (timm's ``Mixup``), a cosine
+schedule with warm-up precomputed per step, and light geometric augmentation that respects the modality
+(no vertical flips of B-scans). After every epoch the model is scored on the validation split and the best
+epoch's weights are kept; the test split is not touched here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import kornia.augmentation as K
+import torch
+from timm.data import Mixup
+from timm.optim import param_groups_layer_decay
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ...engine.precision import autocast
+from ...modalities import Modality, get_modality
+from .features import pooled_features
+from .probe import cosine_schedule
+from .selection import Selector, resolve_select_metric, split_metrics
+from .task import ClassificationTask
+
+__all__ = ["FinetuneConfig", "EncoderClassifier", "train_augmentation", "predict_logits", "finetune_param_groups",
+           "finetune"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of fine-tuning (the ``finetune`` section of ``configs/cls/default.yaml``)."""
+
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 5e-4              # for a batch of 256; scaled linearly with the batch size
+    min_lr: float = 1e-6
+    warmup_epochs: int = 3
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    mixup: float = 0.0            # mixup alpha (0: off)
+    cutmix: float = 0.0           # cutmix alpha (0: off)
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    clip_grad: Optional[float] = None
+    augment: bool = True
+    crop_scale: Sequence[float] = (0.6, 1.0)
+    max_steps: Optional[int] = None
+    num_workers: int = 0
+
+
+class EncoderClassifier(nn.Module):
+    """Encoder + pooling + head: ``(B, 3, H, W)`` normalised images to ``(B, task.out_dim)`` logits."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, pool: str = "cls") -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.pool = pool
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(pooled_features(self.encoder, images, self.pool, 1))
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Layers for timm's layer-wise lr decay, as BEiT/MAE count them: the embeddings are layer 0, block
+        ``i`` is layer ``i + 1``, and the final norm and the head form the top layer ``depth + 1`` (full rate),
+        so the last block already learns at ``layer_decay`` times the head's rate."""
+        top = (len(self.encoder.blocks),)
+        return {"stem": r"^encoder\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)",
+                "blocks": [(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.(?:norm|fc_norm)\.|^head\.", top)]}
+
+
+def train_augmentation(modality: "Modality | str", size: int, crop_scale: Sequence[float] = (0.6, 1.0)) -> nn.Module:
+    """Random resized crop and the flips the modality allows, on batches of normalised images."""
+    recipe = get_modality(modality).augment
+    ops = [K.RandomResizedCrop((size, size), scale=tuple(crop_scale))]
+    if recipe.hflip:
+        ops.append(K.RandomHorizontalFlip())
+    if recipe.vflip:
+        ops.append(K.RandomVerticalFlip())
+    return K.AugmentationSequential(*ops)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
+                   amp_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """Logits (float32, CPU) and targets of a whole dataset, in order, with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    logits, targets = [], []
+    for images, target in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        with autocast(device, amp_dtype):
+            logits.append(model(images.to(device)).float().cpu())
+        targets.append(target)
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def finetune_param_groups(model: EncoderClassifier, weight_decay: float, layer_decay: float):
+    """Layer-decayed parameter groups (timm's ``param_groups_layer_decay`` over
+    :meth:`EncoderClassifier.group_matcher`); no weight decay on 1-D parameters, the position embedding and
+    the class token. Each group carries its ``lr_scale``."""
+    skip = [f"encoder.{name}" for name in (model.encoder.no_weight_decay()
+                                           if hasattr(model.encoder, "no_weight_decay") else ())]
+    return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
+                                    layer_decay=layer_decay)
+
+
+def _mixer(cfg: FinetuneConfig, task: ClassificationTask) -> Optional[Mixup]:
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    smoothing = task.label_smoothing if task.kind == "multiclass" else 0.0
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                 switch_prob=cfg.mixup_switch_prob, label_smoothing=smoothing, num_classes=task.num_classes,
+                 multi_label=task.kind == "multilabel")
+
+
+def finetune(model: EncoderClassifier, train_set: Dataset, val_set: Dataset, task: ClassificationTask,
+             cfg: FinetuneConfig, modality: "Modality | str", img_size: int, device: torch.device,
+             amp_dtype: Optional[torch.dtype] = None, use_scaler: bool = False, select_metric: str = "auto",
+             seed: int = 0, writer=None) -> Tuple[EncoderClassifier, Dict[str, Any]]:
+    """Fine-tune ``model`` and return it with the weights of the best validation epoch loaded.
+
+    Returns:
+        ``(model, selection)`` with the chosen epoch, step, validation metric and loss, and the per-epoch
+        validation history.
+    """
+    metric = resolve_select_metric(task, select_metric)
+    model.to(device)
+    n = len(train_set)
+    mixer = _mixer(cfg, task)
+    batch = min(cfg.batch_size, n)
+    if mixer is not None:
+        batch -= batch % 2  # timm's Mixup pairs each image with its mirror in the batch
+        if batch < 2:
+            raise ValueError("mixup/cutmix need at least 2 training images")
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train_set, batch_size=batch, shuffle=True, generator=gen, drop_last=mixer is not None,
+                        num_workers=cfg.num_workers)
+    steps_per_epoch = len(loader)
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    epochs = math.ceil(total / steps_per_epoch)
+    base_lr = cfg.lr * batch / 256.0
+    lrs = cosine_schedule(base_lr, cfg.min_lr, total, cfg.warmup_epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(finetune_param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=base_lr)
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    augment = train_augmentation(modality, img_size, cfg.crop_scale).to(device) if cfg.augment else None
+    selector = Selector(metric)
+    history = []
+    step = 0
+    torch.manual_seed(seed)
+    for epoch in range(epochs):
+        model.train()
+        running = 0.0
+        seen = 0
+        for images, targets in loader:
+            if step >= total:
+                break
+            images, targets = images.to(device, non_blocking=True), targets.to(device)
+            if augment is not None:
+                images = augment(images)
+            if mixer is not None:
+                images, targets = mixer(images, targets)
+            for group in optimizer.param_groups:
+                group["lr"] = float(lrs[step]) * group.get("lr_scale", 1.0)
+            with autocast(device, amp_dtype):
+                logits = model(images)
+            loss = task.loss(logits, targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}; lower finetune.lr or "
+                                         "use --precision fp32")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            running += float(loss.detach()) * images.shape[0]
+            seen += images.shape[0]
+            if writer is not None:
+                writer.add_scalar("finetune/train_loss", float(loss.detach()), step)
+                writer.add_scalar("finetune/lr", float(lrs[step]), step)
+            step += 1
+        logits, val_targets = predict_logits(model, val_set, batch, device, amp_dtype)
+        val_loss = float(task.loss(logits, val_targets))
+        val = split_metrics(task, task.probabilities(logits), val_targets)
+        info = {"epoch": epoch + 1, "step": step}
+        history.append({**info, "train_loss": running / max(seen, 1), "val_loss": val_loss,
+                        "val_" + metric: val.get(metric) if metric != "loss" else val_loss})
+        selector.offer(val, val_loss, info,
+                       state_fn=lambda: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        log.info("epoch %d/%d step %d: train loss %.4f, val loss %.4f, val %s %s", epoch + 1, epochs, step,
+                 running / max(seen, 1), val_loss, metric, val.get(metric))
+        if writer is not None:
+            writer.add_scalar("finetune/val_loss", val_loss, epoch + 1)
+            if metric != "loss" and val.get(metric) is not None:
+                writer.add_scalar(f"finetune/val_{metric}", val[metric], epoch + 1)
+    model.load_state_dict(selector.state)
+    model.eval()
+    selection = {"select_metric": metric, **selector.best, "history": history, "steps": step,
+                 "base_lr": base_lr, "batch_size": batch}
+    return model, selection
