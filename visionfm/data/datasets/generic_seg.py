@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -181,14 +181,14 @@ def _in_test(name: str, fraction: float) -> bool:
     return int(digest[:8], 16) / 0xFFFFFFFF < fraction
 
 
-def load_generic(path: "str | Path", test_fraction: float = 0.2, fov_from_image_: bool = False) -> SegSplits:
+def load_generic(path: "str | Path", test_fraction: float = 0.2, estimate_fov: bool = False) -> SegSplits:
     """Read a generic binary segmentation folder (see the module docstring for the layout).
 
     Args:
         path: The dataset folder.
         test_fraction: For a flat layout, the share of images (chosen by a hash of their names, so the split
             never changes when images are added) that form the test split.
-        fov_from_image_: Compute a fundus FOV from each image where no ``fov/`` folder is given (else metrics
+        estimate_fov: Compute a fundus FOV from each image where no ``fov/`` folder is given (else metrics
             use the whole image).
     """
     root = Path(path)
@@ -209,4 +209,4 @@ def load_generic(path: "str | Path", test_fraction: float = 0.2, fov_from_image_
                                    f"{GENERIC_LAYOUT}")
     if not train:
         raise DatasetNotFoundError(f"dataset {name}: no training images in {root}")
-    return SegSplits(name, train, test, target="foreground", fov_from_image=fov_from_image_, root=root, notes=notes)
+    return SegSplits(name, train, test, target="foreground", fov_from_image=estimate_fov, root=root, notes=notes)

@@ -1,0 +1,181 @@
+"""downstream/seg.py end to end on tiny data: train a few steps, metrics/CSV/overlays/TensorBoard/best.pth,
+--eval-only, predict, the real DRIVE files, and the error paths."""
+
+import csv
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visionfm.models.vit import create_encoder
+from visionfm.tasks.segmentation.cli import main
+from visionfm.weights.export import save_encoder
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+TINY = ["--crop-size", "64", "--batch-size", "2", "--set", "model.pyramid_channels=32", "--set",
+        "model.head_channels=16", "--set", "model.stem_channels=[8,16]", "--set", "model.blocks=[1,3,5,11]",
+        "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "cfp_vit_tiny.safetensors"
+    save_encoder(create_encoder("vit_tiny", 16, 64).state_dict(), path,
+                 {"modality": "cfp", "arch": "vit_tiny", "patch_size": 16, "img_size": 64,
+                  "mean": [0.4, 0.3, 0.2], "std": [0.25, 0.2, 0.15]})
+    return path
+
+
+def _vessel_image(rng, h=80, w=96):
+    """A dark disc with a few bright 2-px lines (the 'vessels') and its truth and FOV."""
+    image = np.zeros((h, w, 3), np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    fov = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 2 - 1) ** 2
+    image[fov] = (120, 60, 30)
+    truth = np.zeros((h, w), bool)
+    for _ in range(3):
+        if rng.random() < 0.5:
+            r = int(rng.integers(5, h - 5))
+            truth[r:r + 2] = True
+        else:
+            c = int(rng.integers(5, w - 5))
+            truth[:, c:c + 2] = True
+    truth &= fov
+    image[truth] = (220, 200, 120)
+    return image, truth, fov
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "lines"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("test", 2)):
+        for i in range(n):
+            image, truth, fov = _vessel_image(rng)
+            for sub, arr in (("images", image), ("masks", truth.astype(np.uint8) * 255),
+                             ("fov", fov.astype(np.uint8) * 255)):
+                (root / split / sub).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).save(root / split / sub / f"{split}{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, encoder_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    rc = main(["--dataset", str(dataset), "--weights", str(encoder_file), "--output", str(out), "--max-steps", "4",
+               "--set", "train.val_every=2", "--finetune", *TINY])
+    assert rc == 0
+    return out
+
+
+def test_training_run_writes_everything(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    for key in ("dice", "iou", "auc", "sensitivity", "specificity", "accuracy"):
+        assert isinstance(metrics["pooled"][key], float) and isinstance(metrics["mean"][key], float)
+    assert metrics["n_images"] == 2 and [r["name"] for r in metrics["per_image"]] == ["test0", "test1"]
+    assert metrics["split"] == "test" and metrics["region"] == "inside the FOV mask"
+    assert metrics["validation"]["images"] and metrics["train"]["steps"] == 4 and metrics["best_step"] in (2, 4)
+    # the validation image came from the training split, never the test split
+    assert not set(metrics["validation"]["images"]) & {"test0", "test1"}
+    rows = list(csv.DictReader(open(trained / "metrics.csv")))
+    assert [r["name"] for r in rows] == ["test0", "test1", "mean", "pooled"]
+    overlays = sorted((trained / "overlays").glob("*.png"))
+    assert [p.stem for p in overlays] == ["test0", "test1"]
+    with Image.open(overlays[0]) as img:
+        assert img.size == (4 * 96 + 3 * 4, 80)  # image | truth | prediction | errors at the original size
+    assert list((trained / "tensorboard").glob("events.out.tfevents.*"))
+    assert (trained / "config.yaml").is_file()
+    ckpt = torch.load(trained / "best.pth", weights_only=True)
+    assert ckpt["format"] == "visionfm-seg-1" and ckpt["encoder"]["mean"] == [0.4, 0.3, 0.2]
+
+
+def test_pooled_counts_are_fov_pixels_at_original_resolution(trained, dataset):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    pooled = metrics["pooled"]
+    fov = sum(int((np.asarray(Image.open(p)) > 0).sum()) for p in sorted((dataset / "test" / "fov").glob("*.png")))
+    vessels = sum(int((np.asarray(Image.open(p)) > 0).sum()) for p in sorted((dataset / "test" / "masks").glob("*.png")))
+    assert pooled["tp"] + pooled["fp"] + pooled["fn"] + pooled["tn"] == fov
+    assert pooled["tp"] + pooled["fn"] == vessels
+
+
+def test_eval_only_reproduces_metrics(trained, dataset, tmp_path):
+    rc = main(["--dataset", str(dataset), "--eval-only", "--checkpoint", str(trained / "best.pth"),
+               "--output", str(tmp_path), "--precision", "fp32"])
+    assert rc == 0
+    first = json.loads((trained / "metrics.json").read_text())["pooled"]
+    again = json.loads((tmp_path / "metrics.json").read_text())["pooled"]
+    for key in ("dice", "auc", "tp", "fp"):
+        assert again[key] == pytest.approx(first[key])
+
+
+def test_predict_writes_masks(trained, dataset, tmp_path):
+    rc = main(["predict", "--checkpoint", str(trained / "best.pth"), "--images", str(dataset / "test" / "images"),
+               "--output", str(tmp_path), "--probabilities"])
+    assert rc == 0
+    for name in ("test0", "test1"):
+        mask = np.asarray(Image.open(tmp_path / f"{name}.png"))
+        assert mask.shape == (80, 96) and set(np.unique(mask)) <= {0, 255}
+        assert (tmp_path / f"{name}_prob.png").is_file()
+
+
+def test_unsafe_checkpoint_refused(dataset, tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    with open(bad, "wb") as fh:
+        pickle.dump({"format": "visionfm-seg-1", "obj": Path("x")}, fh)
+    rc = main(["--dataset", str(dataset), "--eval-only", "--checkpoint", str(bad), "--output", str(tmp_path / "o")])
+    assert rc == 1 and "refused" in capsys.readouterr().err
+
+
+def test_missing_dataset_and_bad_target(tmp_path, capsys):
+    assert main(["--dataset", "DRIVE", "--data-root", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "DRIVE" in err and str(tmp_path / "DRIVE") in err and "1st_manual" in err
+    assert main(["--dataset", "DRIVE", "--target", "OD", "--data-root", str(tmp_path),
+                 "--output", str(tmp_path / "o")]) == 1
+    assert "IDRiD" in capsys.readouterr().err
+    assert main(["--dataset", "nowhere", "--data-root", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
+    assert "neither a known dataset" in capsys.readouterr().err
+
+
+def test_missing_weights_is_clear(dataset, tmp_path, capsys):
+    rc = main(["--dataset", str(dataset), "--weights", str(tmp_path / "none.safetensors"),
+               "--output", str(tmp_path / "o"), "--max-steps", "1", *TINY])
+    assert rc == 1 and "none.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (SHARED / "DRIVE").is_dir(), reason="../shared/data/DRIVE not present")
+def test_real_drive_quick_run(encoder_file, tmp_path):
+    # The real 565x584 files: one training image, one validation image, two test images, original resolution.
+    rc = main(["--dataset", "DRIVE", "--data-root", str(SHARED), "--weights", str(encoder_file), "--output",
+               str(tmp_path), "--max-steps", "2", "--limit", "2", *TINY, "--crop-size", "128"])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["dataset"] == "DRIVE" and [r["name"] for r in metrics["per_image"]] == ["01_test", "02_test"]
+    pooled = metrics["pooled"]
+    fov = sum(int((np.asarray(Image.open(SHARED / "DRIVE" / "test" / "mask" / f"0{i}_test_mask.gif")) > 0).sum())
+              for i in (1, 2))
+    assert pooled["tp"] + pooled["fp"] + pooled["fn"] + pooled["tn"] == fov
+    with Image.open(tmp_path / "overlays" / "01_test.png") as img:
+        assert img.size == (4 * 565 + 12, 584)
+
+
+def test_help_lists_the_modes():
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+
+
+def test_entry_point_runs_from_a_checkout_without_install(tmp_path):
+    # As the acceptance script does: the script runs from any directory, and an empty data root names DRIVE.
+    out = subprocess.run([sys.executable, str(REPO / "downstream" / "seg.py"), "--dataset", "DRIVE", "--data-root",
+                          str(tmp_path), "--output", str(tmp_path / "o")], capture_output=True, text=True, cwd="/",
+                         timeout=300)
+    assert out.returncode == 1 and "dataset DRIVE not found" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,471 @@
+"""Train, evaluate and predict with an mmseg segmentor on a modality encoder.
+
+Training is a compact loop over random crops (mmseg's model computes the losses; we own the optimiser with
+layer-wise learning-rate decay, the schedule, bf16 autocast, TensorBoard and checkpoints). The best checkpoint
+is chosen on a validation split carved from the training images, never on the test split, and written
+atomically; the test split is then evaluated with it, with mmseg's sliding-window inference, at the images'
+original resolution inside their FOV masks.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from mmengine.structures import PixelData
+from mmseg.structures import SegDataSample
+from torch import nn
+
+from ...config import save_config
+from ...data.datasets.generic_seg import SegSample, SegSplits
+from ...data.io import is_image_file, read_image
+from ...engine.checkpoint import atomic_save, safe_load
+from ...engine.precision import autocast, resolve_precision
+from ...modalities import get_modality
+from .data import (CropSampler, LoadedImage, SegAugmentation, load_dataset, load_image, load_truth,
+                   split_validation, working_size, resize_array)
+from .metrics import METRIC_NAMES, BinarySegMetrics
+from .model import build_segmentor, encoder_record
+from .overlay import save_mask, save_overlay
+
+__all__ = ["CHECKPOINT_FORMAT", "NonFiniteLossError", "prepare_splits", "param_groups", "lr_multipliers",
+           "predict_probability", "evaluate", "train", "evaluate_checkpoint", "predict_folder", "load_checkpoint"]
+
+log = logging.getLogger("visionfm.seg")
+
+CHECKPOINT_FORMAT = "visionfm-seg-1"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+def prepare_splits(cfg: Dict[str, Any], data_root: "str | Path") -> Tuple[SegSplits, List[SegSample], List[SegSample]]:
+    """The dataset's splits, ``--limit`` applied, and the (train, validation) carve of its training split."""
+    data = cfg["data"]
+    splits = load_dataset(cfg["dataset"], data_root, target=cfg.get("target"),
+                          include_absent=bool(data.get("include_absent", False)))
+    if data.get("estimate_fov") is not None:  # images without an FOV file: threshold the image, or use all of it
+        splits.fov_from_image = bool(data["estimate_fov"])
+    limit = data.get("limit")
+    if limit:
+        splits.train, splits.test = splits.train[: int(limit)], splits.test[: int(limit)]
+    train, val = split_validation(splits.train, float(data.get("val_fraction", 0.2)), int(cfg["train"]["seed"]),
+                                  data.get("val_count"))
+    return splits, train, val
+
+
+def _load_all(samples: Sequence[SegSample], cfg: Dict[str, Any], fov_from_image: bool) -> List[LoadedImage]:
+    channels = get_modality(cfg["modality"]).channels
+    return [load_image(s, channels, cfg["data"].get("resize_long_side"), fov_from_image) for s in samples]
+
+
+# ------------------------------------------------------------------------------------------------ optimiser
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> List[Dict[str, Any]]:
+    """AdamW groups with layer-wise lr decay over the encoder (BEiT style) and no weight decay on biases,
+    norms and position/class tokens.
+
+    Encoder block ``i`` of ``depth`` gets ``lr * layer_decay ** (depth - i)``; patch embedding and tokens get
+    ``lr * layer_decay ** (depth + 1)``; neck and heads get ``lr``.
+    """
+    depth = len(model.backbone.encoder.blocks)
+    groups: Dict[Tuple[float, float], Dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("backbone.encoder."):
+            sub = name[len("backbone.encoder."):]
+            if sub.startswith("blocks."):
+                layer = int(sub.split(".")[1]) + 1
+            elif sub.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed")):
+                layer = 0
+            else:  # final norm (unused by the dense features) and anything after the blocks
+                layer = depth + 1
+            scale = layer_decay ** (depth + 1 - layer)
+        else:
+            scale = 1.0
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name
+        wd = 0.0 if no_decay else weight_decay
+        group = groups.setdefault((scale, wd), {"params": [], "lr_scale": scale, "weight_decay": wd, "lr": lr * scale})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def lr_multipliers(total: int, warmup: int, min_ratio: float) -> np.ndarray:
+    """Per-step lr multipliers: linear warm-up, then cosine decay to ``min_ratio``."""
+    steps = np.arange(total, dtype=np.float64)
+    warm = max(0, min(int(warmup), total))
+    out = np.empty(total)
+    out[:warm] = (steps[:warm] + 1) / max(warm, 1)
+    rest = steps[warm:] - warm
+    span = max(total - warm, 1)
+    out[warm:] = min_ratio + 0.5 * (1 - min_ratio) * (1 + np.cos(np.pi * rest / span))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ inference
+
+def predict_probability(model: nn.Module, image: np.ndarray, original_size: Tuple[int, int], device: torch.device,
+                        amp_dtype: Optional[torch.dtype], flip: bool = False) -> np.ndarray:
+    """Foreground probability ``float32 (H0, W0)`` of one working-resolution image ``uint8 (H, W, 3)``, through
+    mmseg's data preprocessor (normalisation, padding) and ``predict`` (whole or sliding-window inference,
+    padding removed, logits resized to ``original_size``). With ``flip``, probabilities are averaged over the
+    image and its horizontal and vertical mirrors (test-time augmentation)."""
+    variants = [(), (1,), (0,)] if flip else [()]
+    total = None
+    for dims in variants:
+        view = np.flip(image, axis=dims) if dims else image
+        h, w = view.shape[:2]
+        tensor = torch.from_numpy(np.array(view, copy=True)).permute(2, 0, 1).contiguous()
+        sample = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=tuple(original_size), pad_shape=(h, w)))
+        data = model.data_preprocessor(dict(inputs=[tensor.to(device)], data_samples=[sample]), training=False)
+        with torch.no_grad(), autocast(device, amp_dtype):
+            result = model.predict(data["inputs"], data["data_samples"])[0]
+        logits = result.seg_logits.data.float()
+        prob = torch.softmax(logits, dim=0)[1] if logits.shape[0] > 1 else logits[0]  # 1 channel: already sigmoid
+        prob = prob.flip(dims) if dims else prob
+        total = prob if total is None else total + prob
+    return (total / len(variants)).cpu().numpy().astype(np.float32)
+
+
+def evaluate(model: nn.Module, samples: Sequence[SegSample], cfg: Dict[str, Any], fov_from_image: bool,
+             device: torch.device, amp_dtype: Optional[torch.dtype], overlays: Optional[Path] = None,
+             masks: Optional[Path] = None) -> BinarySegMetrics:
+    """Metrics of ``samples`` at their original resolution inside their FOV; optional overlays and mask PNGs."""
+    channels = get_modality(cfg["modality"]).channels
+    threshold = float(cfg["test"].get("threshold", 0.5))
+    metrics = BinarySegMetrics(threshold)
+    model.eval()
+    for sample in samples:
+        image = read_image(sample.image, channels)
+        image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+        truth, fov = load_truth(sample, image, fov_from_image)
+        size = working_size(*image.shape[:2], cfg["data"].get("resize_long_side"))
+        prob = predict_probability(model, resize_array(image, size, False), image.shape[:2], device, amp_dtype,
+                                   flip=bool(cfg["test"].get("flip", False)))
+        m = metrics.update(sample.name, prob, truth, fov)
+        log.info("  %s: dice %.4f auc %.4f", sample.name, m["dice"], m["auc"])
+        if overlays is not None:
+            save_overlay(overlays / f"{sample.name}.png", image, truth, prob, fov, threshold)
+        if masks is not None:
+            save_mask(masks / f"{sample.name}.png", prob, threshold)
+    return metrics
+
+
+def _validate(model: nn.Module, images: Sequence[LoadedImage], threshold: float, device: torch.device,
+              amp_dtype: Optional[torch.dtype]) -> Dict[str, float]:
+    """Pooled metrics of the validation images at the working resolution (cheap; for model selection)."""
+    metrics = BinarySegMetrics(threshold, bins=1 << 16)
+    model.eval()
+    for im in images:
+        prob = predict_probability(model, im.image, im.mask.shape, device, amp_dtype)
+        metrics.update(im.sample.name, prob, im.mask, im.fov)
+    return metrics.pooled()
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN -> None, numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=2))
+    os.replace(tmp, path)
+
+
+def _region(splits: SegSplits) -> str:
+    """Where the test metrics are computed, in words, for metrics.json."""
+    with_file = sum(s.fov is not None for s in splits.test)
+    if with_file == len(splits.test):
+        return "inside the FOV mask"
+    if splits.fov_from_image:
+        return "inside the FOV (" + ("mask files, else " if with_file else "") + "estimated from each image)"
+    return "whole image" if not with_file else "inside the FOV mask where given, else the whole image"
+
+
+def write_metrics(output: Path, summary: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    """``metrics.json`` (pooled, mean, per image, run facts) and ``metrics.csv`` (one row per image, then the
+    mean and pooled rows)."""
+    result = {**extra, **summary}
+    _write_json(output / "metrics.json", result)
+    columns = ["name", *METRIC_NAMES, "tp", "fp", "fn", "tn"]
+    tmp = output / "metrics.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in summary["per_image"]:
+            writer.writerow(_clean(row))
+        writer.writerow(_clean({"name": "mean", **summary["mean"]}))
+        writer.writerow(_clean({"name": "pooled", **summary["pooled"]}))
+    os.replace(tmp, output / "metrics.csv")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def load_checkpoint(path: "str | Path", cfg: Dict[str, Any], device: torch.device) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild the model of a segmentation checkpoint (safe load, strict keys) for the run config ``cfg``;
+    the checkpoint's model, crop/resolution and test settings replace those of ``cfg``.
+
+    Returns:
+        ``(model, checkpoint)``.
+    """
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a VisionFM segmentation checkpoint (no format '{CHECKPOINT_FORMAT}'); pass "
+                         f"the best.pth written by downstream/seg.py")
+    stored = ckpt["config"]
+    cfg["modality"] = stored["modality"]
+    cfg["model"] = stored["model"]
+    cfg["data"]["crop_size"] = stored["data"]["crop_size"]
+    cfg["data"]["resize_long_side"] = stored["data"].get("resize_long_side")
+    # Window and stride come with the model; threshold and flip TTA stay the caller's choice.
+    cfg["test"] = {**stored["test"], **{k: v for k, v in cfg["test"].items() if k in ("threshold", "flip")}}
+    model, _ = build_segmentor(cfg, encoder=ckpt["encoder"])
+    result = model.load_state_dict(ckpt["model"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path}: checkpoint does not match the model it describes: missing {result.missing_keys}, "
+                         f"unexpected {result.unexpected_keys}")
+    return model.to(device), ckpt
+
+
+def _save_best(path: Path, model: nn.Module, cfg: Dict[str, Any], step: int, val: Dict[str, float]) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save({"format": CHECKPOINT_FORMAT, "model": state, "step": int(step), "val": _clean(val),
+                 "config": cfg, "encoder": encoder_record(model.backbone.info)}, path)
+
+
+# -------------------------------------------------------------------------------------------------- train
+
+def _batch(images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
+    samples = []
+    for label in labels:
+        shape = tuple(label.shape[-2:])
+        s = SegDataSample(metainfo=dict(img_shape=shape, ori_shape=shape, pad_shape=shape))
+        s.gt_sem_seg = PixelData(data=label)
+        samples.append(s)
+    return dict(inputs=list(images), data_samples=samples)
+
+
+def set_threads(setting: Any, device: torch.device) -> None:
+    """``train.threads``: ``auto`` picks 1 or all cores by a short timing (see
+    :func:`visionfm.engine.dino_trainer.fastest_cpu_threads`), an integer sets it, null leaves torch's default."""
+    if not setting or device.type != "cpu":
+        return
+    from ...engine.dino_trainer import fastest_cpu_threads
+
+    n = fastest_cpu_threads() if str(setting).lower() == "auto" else int(setting)
+    torch.set_num_threads(n)
+    log.info("CPU threads: %d", n)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Dict[str, Any], output: "str | Path", data_root: "str | Path", device: torch.device) -> Dict[str, Any]:
+    """Train on the training split (minus validation), keep the best validation checkpoint, evaluate it on the
+    test split. Writes ``config.yaml``, ``best.pth``, ``tensorboard/``, ``metrics.json``, ``metrics.csv`` and
+    ``overlays/`` under ``output``; returns the metrics dict."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    t_cfg, o_cfg = cfg["train"], cfg["optim"]
+    _seed(int(t_cfg["seed"]))
+    set_threads(t_cfg.get("threads"), device)
+    splits, train_samples, val_samples = prepare_splits(cfg, data_root)
+    if not splits.test:
+        raise ValueError(f"dataset {splits.dataset}: the test split is empty")
+    for note in splits.notes:
+        log.info("%s: %s", splits.dataset, note)
+    log.info("%s (%s): %d train, %d validation (carved from train), %d test images", splits.dataset, splits.target,
+             len(train_samples), len(val_samples), len(splits.test))
+    save_config(cfg, output / "config.yaml")
+
+    model, mm_cfg = build_segmentor(cfg)
+    model.to(device)
+    info = model.backbone.info
+    log.info("encoder: %s %s from %s (%s), blocks %s; head %s", info.modality, info.arch,
+             info.source or "random initialisation", "frozen" if cfg["model"]["freeze_encoder"] else "fine-tuned",
+             list(model.backbone.out_indices), mm_cfg["decode_head"]["type"])
+    amp_dtype, _ = resolve_precision(t_cfg.get("precision", "auto"), device)
+
+    t0 = time.time()
+    train_images = _load_all(train_samples, cfg, splits.fov_from_image)
+    val_images = _load_all(val_samples, cfg, splits.fov_from_image)
+    log.info("loaded %d images in %.1f s", len(train_images) + len(val_images), time.time() - t0)
+    data = cfg["data"]
+    sampler = CropSampler(train_images, int(data["crop_size"]), float(data.get("positive_fraction", 0.0)),
+                          seed=int(t_cfg["seed"]))
+    aug_cfg = cfg.get("augment", {})
+    augment = SegAugmentation(hflip=bool(aug_cfg.get("hflip", True)), vflip=bool(aug_cfg.get("vflip", True)),
+                              rot90=bool(aug_cfg.get("rot90", True)),
+                              rotate_degrees=float(aug_cfg.get("rotate_degrees", 0.0)),
+                              colour_jitter=float(aug_cfg.get("colour_jitter", 0.2)), hue=float(aug_cfg.get("hue", 0.0)))
+
+    total = int(o_cfg["steps"])
+    if t_cfg.get("max_steps"):
+        total = min(total, int(t_cfg["max_steps"]))
+    lr = float(o_cfg["lr"])
+    groups = param_groups(model, lr, float(o_cfg.get("weight_decay", 0.05)), float(o_cfg.get("layer_decay", 1.0)))
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    schedule = lr_multipliers(total, int(o_cfg.get("warmup_steps", 0)), float(o_cfg.get("min_lr_ratio", 0.01)))
+    batch_size = int(o_cfg["batch_size"])
+    val_every = max(1, int(t_cfg.get("val_every", 200)))
+    threshold = float(cfg["test"].get("threshold", 0.5))
+    select = str(t_cfg.get("select_metric", "dice"))
+    best_path = output / "best.pth"
+    writer = SummaryWriter(str(output / "tensorboard"))
+    best: Dict[str, Any] = {"step": None, "value": -math.inf, "val": {}}
+    clip = float(o_cfg.get("clip_grad", 0.0) or 0.0)
+    log.info("training %d steps, batch %d crops of %d px, lr %.2e (layer decay %s), %s on %s", total, batch_size,
+             int(data["crop_size"]), lr, o_cfg.get("layer_decay", 1.0), amp_dtype or "fp32", device)
+
+    t_train = time.time()
+    seen_loss = []
+    for step in range(total):
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"] * schedule[step]
+        images, labels = sampler.sample(batch_size)
+        images, labels = augment(images, labels)
+        batch = model.data_preprocessor(_batch(images.to(device), labels.to(device)), training=True)
+        with autocast(device, amp_dtype):
+            losses = model(**batch, mode="loss")
+        loss, log_vars = model.parse_losses(losses)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss is {loss.item()} at step {step + 1} ({log_vars}); lower optim.lr or "
+                                     f"use train.precision=fp32. {best_path} (if any) holds the best model so far")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], clip)
+        optimizer.step()
+        seen_loss.append(float(loss.item()))
+        for key, value in log_vars.items():
+            writer.add_scalar(f"train/{key}", float(value.detach() if torch.is_tensor(value) else value), step + 1)
+        writer.add_scalar("train/lr", lr * schedule[step], step + 1)
+        if (step + 1) % int(t_cfg.get("log_every", 20)) == 0 or step == 0:
+            elapsed = time.time() - t_train
+            log.info("step %d/%d loss %.4f (%.2f s/step)", step + 1, total, float(np.mean(seen_loss[-20:])),
+                     elapsed / (step + 1))
+        if (step + 1) % val_every == 0 or step + 1 == total:
+            if val_images:
+                val = _validate(model, val_images, threshold, device, amp_dtype)
+                for key in METRIC_NAMES:
+                    if not math.isnan(val[key]):
+                        writer.add_scalar(f"val/{key}", val[key], step + 1)
+                value = val[select]
+                log.info("step %d validation: dice %.4f auc %.4f%s", step + 1, val["dice"], val["auc"],
+                         " (best)" if value > best["value"] else "")
+            else:
+                val, value = {}, float(step)  # nothing to validate on: keep the last model
+            if best["step"] is None or value > best["value"]:
+                best = {"step": step + 1, "value": value, "val": val}
+                _save_best(best_path, model, cfg, step + 1, val)
+            writer.flush()
+    train_seconds = time.time() - t_train
+    writer.close()
+
+    log.info("best validation %s %.4f at step %s; evaluating %s on %d test images", select, best["value"],
+             best["step"], best_path, len(splits.test))
+    model, _ = load_checkpoint(best_path, cfg, device)
+    t_eval = time.time()
+    metrics = evaluate(model, splits.test, cfg, splits.fov_from_image, device, amp_dtype,
+                       overlays=output / "overlays")
+    extra = {
+        "dataset": splits.dataset, "target": splits.target, "split": "test",
+        "region": _region(splits),
+        "resolution": "original", "checkpoint": str(best_path), "best_step": best["step"],
+        "validation": {"images": [s.name for s in val_samples], "selected_on": select, **best["val"]},
+        "encoder": encoder_record(info), "notes": splits.notes,
+        "train": {"steps": total, "seconds": round(train_seconds, 1), "batch_size": batch_size,
+                  "crop_size": int(data["crop_size"]), "final_loss": seen_loss[-1] if seen_loss else None,
+                  "precision": str(amp_dtype or "fp32"), "device": str(device)},
+        "eval_seconds": round(time.time() - t_eval, 1),
+    }
+    result = write_metrics(output, metrics.summary(), extra)
+    pooled = metrics.pooled()
+    log.info("test (%d images, pooled): dice %.4f iou %.4f auc %.4f sens %.4f spec %.4f acc %.4f", len(splits.test),
+             *(pooled[k] for k in ("dice", "iou", "auc", "sensitivity", "specificity", "accuracy")))
+    return result
+
+
+# ------------------------------------------------------------------------------------------ eval / predict
+
+def evaluate_checkpoint(cfg: Dict[str, Any], checkpoint: "str | Path", output: "str | Path",
+                        data_root: "str | Path", device: torch.device) -> Dict[str, Any]:
+    """``--eval-only``: evaluate a checkpoint on the dataset's test split (metrics, CSV, overlays)."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    set_threads(cfg["train"].get("threads"), device)
+    model, ckpt = load_checkpoint(checkpoint, cfg, device)
+    splits, _, _ = prepare_splits(cfg, data_root)
+    save_config(cfg, output / "config.yaml")
+    amp_dtype, _ = resolve_precision(cfg["train"].get("precision", "auto"), device)
+    t0 = time.time()
+    metrics = evaluate(model, splits.test, cfg, splits.fov_from_image, device, amp_dtype, overlays=output / "overlays")
+    extra = {"dataset": splits.dataset, "target": splits.target, "split": "test", "region": _region(splits),
+             "resolution": "original",
+             "checkpoint": str(checkpoint), "best_step": ckpt.get("step"), "encoder": ckpt.get("encoder"),
+             "notes": splits.notes, "eval_seconds": round(time.time() - t0, 1)}
+    return write_metrics(output, metrics.summary(), extra)
+
+
+def predict_folder(checkpoint: "str | Path", images: "str | Path", output: "str | Path", cfg: Dict[str, Any],
+                   device: torch.device, limit: Optional[int] = None, probabilities: bool = False) -> List[Path]:
+    """Write ``<output>/<stem>.png`` masks (0/255; with ``probabilities`` also ``<stem>_prob.png``) for every image
+    in a folder."""
+    folder = Path(images)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    if not files:
+        raise FileNotFoundError(f"{folder}: holds no image files (png, jpg, tif, gif, bmp, ppm)")
+    if limit:
+        files = files[: int(limit)]
+    set_threads(cfg["train"].get("threads"), device)
+    model, _ = load_checkpoint(checkpoint, cfg, device)
+    model.eval()
+    amp_dtype, _ = resolve_precision(cfg["train"].get("precision", "auto"), device)
+    channels = get_modality(cfg["modality"]).channels
+    threshold = float(cfg["test"].get("threshold", 0.5))
+    output = Path(output)
+    written = []
+    for path in files:
+        image = read_image(path, channels)
+        image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+        size = working_size(*image.shape[:2], cfg["data"].get("resize_long_side"))
+        prob = predict_probability(model, resize_array(image, size, False), image.shape[:2], device, amp_dtype,
+                                   flip=bool(cfg["test"].get("flip", False)))
+        written.append(save_mask(output / f"{path.stem}.png", prob, threshold))
+        if probabilities:
+            save_mask(output / f"{path.stem}_prob.png", prob, probability=True)
+        log.info("%s -> %s (%.2f%% foreground)", path, written[-1], 100.0 * float((prob > threshold).mean()))
+    return written
