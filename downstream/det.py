@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Detection heads (mmdet RetinaNet / FCOS / Faster R-CNN) on a VisionFM encoder. See ``--help``; the logic is in
+``visionfm.tasks.detection.runner``."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from visionfm.tasks.detection.runner import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Box detection on top of a modality encoder, through mmdet.
+
+- :mod:`.boxes`: boxes from masks (connected components) and around points, box checks, the record type.
+- :mod:`.points`: the point-localisation metric (distance at the original resolution, fraction within 1/8
+  disc diameter).
+- :mod:`.models`: the encoder as an mmdet backbone (``VisionFMViT``) and a ViTDet-style simple feature pyramid
+  (``SimpleFeaturePyramid``), registered in mmdet's ``MODELS`` registry when the module is imported.
+- :mod:`.dataset`, :mod:`.evaluation`, :mod:`.runner`: resizing data loader, COCO / point evaluation, and the
+  training entry point behind ``downstream/det.py``.
+
+Importing this package does not import mmdet; :mod:`.models` and :mod:`.runner` do.
+"""

@@ -1,0 +1,138 @@
+"""Detection records as mmdet inputs: images resized once (longest side ``max_size``, boxes scaled by the same
+factors), optional flips and colour jitter for training, ``DetDataSample`` s whose metainfo lets mmdet map
+predictions back to the original resolution (``ori_shape``, ``scale_factor``, ``rescale=True``).
+
+Example:
+    >>> ds = DetectionDataset(records, classes, max_size=512, train=True)  # doctest: +SKIP
+    >>> batch = pseudo_collate([ds[0], ds[1]])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from mmdet.structures import DetDataSample
+from mmengine.structures import InstanceData
+from PIL import Image
+
+from ...data.io import read_image
+from .boxes import DetectionRecord, flip_boxes, scale_boxes
+
+__all__ = ["resize_longest", "DetectionDataset"]
+
+
+def resize_longest(image: np.ndarray, max_size: int) -> Tuple[np.ndarray, Tuple[float, float]]:
+    """Resize an ``(H, W, C)`` uint8 image so that its longer side is ``max_size`` (aspect kept).
+
+    Returns:
+        The resized image and the ``(sx, sy)`` factors that map original coordinates to resized ones (they
+        differ slightly because sizes are rounded to whole pixels).
+    """
+    if max_size < 2:
+        raise ValueError(f"max_size must be at least 2, got {max_size}")
+    h, w = image.shape[:2]
+    ratio = max_size / max(h, w)
+    new_w, new_h = max(1, round(w * ratio)), max(1, round(h * ratio))
+    if (new_w, new_h) != (w, h):
+        pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+        resized = np.asarray(pil.resize((new_w, new_h), Image.BILINEAR))  # Pillow filters (antialiases) when shrinking
+        image = resized.reshape(new_h, new_w, -1)
+    return np.ascontiguousarray(image), (new_w / w, new_h / h)
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """mmdet-ready samples from :class:`DetectionRecord` s.
+
+    Args:
+        records: The images and boxes (original resolution).
+        classes: Class names (the labels index them).
+        channels: Channels the image is read with (1 for grey modalities: repeated to 3 for the encoder).
+        max_size: Longest side after resizing.
+        train: Apply the training augmentation.
+        hflip: Probability of a horizontal flip (training only).
+        color_jitter: Strength of a random brightness/contrast change (training only; 0 disables it).
+        cache: Keep resized images in memory (large fundus images are decoded once).
+    """
+
+    def __init__(self, records: Sequence[DetectionRecord], classes: Sequence[str], channels: int = 3,
+                 max_size: int = 512, train: bool = False, hflip: float = 0.5, color_jitter: float = 0.0,
+                 cache: bool = True, seed: int = 0):
+        self.records = list(records)
+        self.classes = tuple(classes)
+        self.channels = channels
+        self.max_size = int(max_size)
+        self.train = train
+        self.hflip = float(hflip)
+        self.color_jitter = float(color_jitter)
+        self.cache = cache
+        self._cache: Dict[int, Tuple[np.ndarray, Tuple[float, float]]] = {}
+        self._rng = np.random.default_rng(seed)
+        for rec in self.records:
+            if len(rec.labels) and (rec.labels.min() < 0 or rec.labels.max() >= len(self.classes)):
+                raise ValueError(f"{rec.source or rec.image}: labels {sorted(set(rec.labels.tolist()))} outside the "
+                                 f"{len(self.classes)} classes {list(self.classes)}")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image(self, index: int) -> Tuple[np.ndarray, Tuple[float, float]]:
+        """The resized ``(h, w, 3)`` uint8 image of record ``index`` and its ``(sx, sy)`` scale factors."""
+        if index in self._cache:
+            return self._cache[index]
+        rec = self.records[index]
+        image = read_image(rec.image, self.channels)
+        if image.shape[:2] != (rec.height, rec.width):
+            raise ValueError(f"{rec.image}: image is {image.shape[1]}x{image.shape[0]} but its annotations are for "
+                             f"{rec.width}x{rec.height}")
+        image, scale = resize_longest(image, self.max_size)
+        if image.shape[2] == 1:
+            image = np.repeat(image, 3, axis=2)
+        if self.cache:
+            self._cache[index] = (image, scale)
+        return image, scale
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.records[index]
+        image, scale = self.image(index)
+        h, w = image.shape[:2]
+        boxes = scale_boxes(rec.boxes, scale)
+        flipped = self.train and self._rng.random() < self.hflip
+        if flipped:
+            image = image[:, ::-1]
+            boxes = flip_boxes(boxes, w)
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if self.train and self.color_jitter > 0:
+            contrast = 1.0 + self._rng.uniform(-self.color_jitter, self.color_jitter)
+            brightness = 255.0 * self._rng.uniform(-self.color_jitter, self.color_jitter) / 2
+            mean = tensor.float().mean()
+            tensor = ((tensor.float() - mean) * contrast + mean + brightness).clamp(0, 255).round().to(torch.uint8)
+        sample = DetDataSample(metainfo=dict(
+            img_id=index, img_path=str(rec.image), ori_shape=(rec.height, rec.width), img_shape=(h, w),
+            scale_factor=scale, flip=bool(flipped), flip_direction="horizontal" if flipped else None,
+            # original-resolution boxes for mmdet's CocoMetric (which builds its COCO ground truth from them)
+            instances=[dict(bbox=b.tolist(), bbox_label=int(lab), ignore_flag=int(ign))
+                       for b, lab, ign in zip(rec.boxes, rec.labels, rec.ignore)]))
+        keep = ~rec.ignore
+        gt = InstanceData()
+        gt.bboxes = torch.from_numpy(boxes[keep]).float().reshape(-1, 4)
+        gt.labels = torch.from_numpy(rec.labels[keep]).long()
+        sample.gt_instances = gt
+        ignored = InstanceData()
+        ignored.bboxes = torch.from_numpy(boxes[~keep]).float().reshape(-1, 4)
+        ignored.labels = torch.from_numpy(rec.labels[~keep]).long()
+        sample.ignored_instances = ignored
+        return dict(inputs=tensor, data_samples=sample)
+
+    def class_counts(self) -> List[int]:
+        """Boxes per class over the dataset (for the log)."""
+        counts = np.zeros(len(self.classes), dtype=np.int64)
+        for rec in self.records:
+            np.add.at(counts, rec.labels[~rec.ignore], 1)
+        return counts.tolist()
+
+    def point_truth(self) -> Optional[List[Tuple[float, float]]]:
+        """True points of all records, or ``None`` when the dataset has none."""
+        points = [rec.point for rec in self.records]
+        return None if any(p is None for p in points) else points  # type: ignore[return-value]
