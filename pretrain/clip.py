@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""CLIP alignment of a modality encoder with a text encoder. See ``--help``; the logic is in ``visionfm.tasks.zeroshot``."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from visionfm.tasks.zeroshot.cli import train_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(train_main())
