@@ -68,7 +68,10 @@ def list_weights(weights_dir: Path, out: Optional[TextIO] = None) -> int:
         else:
             meta = read_metadata(path)
             sha = "(not in index.json)"
-        print(row.format(_short(name, 34), _short(meta.get("modality", "?"), 9), _short(meta.get("arch", "?"), 16),
+        # CLIP heads name the modality of their image side and describe themselves by format.
+        modality = meta.get("modality") or meta.get("image_modality", "?")
+        arch = meta.get("arch") or ("clip head" if str(meta.get("format", "")).startswith("visionfm-clip") else "?")
+        print(row.format(_short(name, 34), _short(modality, 9), _short(arch, 16),
                          str(meta.get("patch_size", "?")), str(meta.get("img_size", "?")), _steps(meta),
                          _short(meta.get("data", "-"), 44), sha), file=out)
     return 0

@@ -67,7 +67,8 @@ def resolve_weights(modality: str, arch: Optional[str] = None,
                   if meta.get("modality") == m.name and (arch is None or meta.get("arch") == arch)]
     if not candidates and wdir.is_dir():
         pattern = f"{m.name}_{arch}.safetensors" if arch else f"{m.name}_*.safetensors"
-        candidates = sorted(p.name for p in wdir.glob(pattern))
+        # Other artefacts share the <modality>_ prefix (CLIP heads: <modality>_clip.safetensors).
+        candidates = sorted(p.name for p in wdir.glob(pattern) if not p.name.endswith("_clip.safetensors"))
     for name in candidates:
         if (wdir / name).is_file():
             return wdir / name
