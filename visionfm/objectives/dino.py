@@ -16,10 +16,13 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightly.loss import DINOLoss as LightlyDINOLoss
 from lightly.models.modules import DINOProjectionHead
 from torch import Tensor, nn
 
-__all__ = ["MultiCropNetwork", "DINOModel", "cosine_schedule", "DINOSchedules", "collapse_monitors"]
+from ..models.vit import cls_features
+
+__all__ = ["MultiCropNetwork", "DINOModel", "DINOLoss", "cosine_schedule", "DINOSchedules", "collapse_monitors"]
 
 
 class MultiCropNetwork(nn.Module):
@@ -27,7 +30,8 @@ class MultiCropNetwork(nn.Module):
 
     Consecutive views of the same resolution are concatenated into one backbone call; the CLS features of
     all views then go through the head in a single call, so a 2 global + N local step costs two backbone
-    calls and one head call.
+    calls and one head call. A timm ViT backbone runs through :func:`visionfm.models.vit.cls_features`, which
+    skips the last block's work on patch tokens that the CLS output never uses.
 
     Args:
         backbone: Maps ``(B, 3, H, W)`` to ``(B, D)``.
@@ -39,17 +43,68 @@ class MultiCropNetwork(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, views: Sequence[Tensor]) -> List[Tensor]:
+    def forward(self, views: Sequence[Tensor], stack: bool = False) -> "List[Tensor] | Tensor":
+        """Head outputs, one ``(B, K)`` tensor per view, or with ``stack`` one ``(V, B, K)`` tensor (a view of
+        the head's output, no copy; :class:`DINOLoss` takes it as it is)."""
         features: List[Tensor] = []
         start = 0
         while start < len(views):
             end = start + 1
             while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
                 end += 1
-            features.append(self.backbone(torch.cat(list(views[start:end])) if end - start > 1 else views[start]))
+            batch = torch.cat(list(views[start:end])) if end - start > 1 else views[start]
+            features.append(cls_features(self.backbone, batch))
             start = end
         out = self.head(torch.cat(features))
+        if stack:
+            return out.view(len(views), -1, out.shape[-1])
         return list(out.chunk(len(views)))
+
+
+class DINOLoss(LightlyDINOLoss):
+    """lightly's :class:`lightly.loss.DINOLoss`, computed with fewer passes over the ``(views, batch, K)``
+    outputs; the same mathematics, arguments and state (``center``, its momentum update).
+
+    Why not lightly's ``forward`` as it is: with K = 65536 the loss works on tensors of tens of MB. lightly stacks
+    the per-view lists (a copy), divides by the temperatures, and contracts teacher and student with
+    ``einsum("tbd,sbd->ts")``, which on the CPU runs as a batched matmul of one ``(t, B*K) x (B*K, s)`` batch,
+    about 10x slower than the same contraction as a plain matrix product. Here the outputs may come stacked (no
+    copy), are upcast to fp32 once, temperatures are multiplications and the contraction is one ``mm``: forward +
+    backward 1.3x faster for 2 teacher and 8 student views of 16 images (293 -> 227 ms on one core).
+    """
+
+    def forward(self, teacher_out: "Sequence[Tensor] | Tensor", student_out: "Sequence[Tensor] | Tensor",
+                teacher_temp: "float | None" = None, epoch: "int | None" = None) -> Tensor:
+        """Cross-entropy between the teacher's centred, sharpened softmax and the student's log-softmax, averaged
+        over every (teacher view, different student view) pair and the batch.
+
+        Args:
+            teacher_out: ``(Vt, B, K)`` or a list of ``Vt`` tensors ``(B, K)`` (any float dtype).
+            student_out: ``(Vs, B, K)`` or a list of ``Vs`` tensors ``(B, K)``.
+            teacher_temp: Teacher temperature (default: the one given at construction; ``epoch`` selects
+                lightly's warm-up schedule, kept for compatibility).
+        """
+        if teacher_temp is not None:
+            temp = float(teacher_temp)
+        elif epoch is not None and epoch < self.warmup_teacher_temp_epochs:
+            temp = float(self.teacher_temp_schedule[epoch])
+        else:
+            temp = float(self.teacher_temp)
+        teacher = teacher_out if isinstance(teacher_out, Tensor) else torch.stack(list(teacher_out))
+        student = student_out if isinstance(student_out, Tensor) else torch.stack(list(student_out))
+        n_teacher, batch, n_student = teacher.shape[0], teacher.shape[1], student.shape[0]
+        n_terms = n_teacher * n_student - min(n_teacher, n_student)
+        if n_terms == 0:
+            raise ValueError(f"DINOLoss needs at least two views in total (the diagonal is excluded), got "
+                             f"{n_teacher} teacher and {n_student} student view(s)")
+        teacher = teacher.detach().float()
+        t_out = F.softmax((teacher - self.center) * (1.0 / temp), dim=-1)
+        s_out = F.log_softmax(student.float() * (1.0 / self.student_temp), dim=-1)
+        # cross[t, s] = sum over batch and prototypes of t_out[t] * s_out[s]
+        cross = torch.mm(t_out.reshape(n_teacher, -1), s_out.reshape(n_student, -1).t())
+        loss = -(cross.sum() - cross.diagonal().sum()) / (n_terms * batch)
+        self.update_center(teacher)
+        return loss
 
 
 class DINOModel(nn.Module):
