@@ -58,6 +58,19 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
     assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
 
 
+def test_resume_under_a_changed_config_is_refused_unless_asked_for(tmp_path):
+    from visionfm.engine.dino_trainer import ConfigMismatchError
+
+    out = tmp_path / "run"
+    DINOTrainer(tiny_pretrain_config(**{"train.max_steps": 2}), out).train()
+    with pytest.raises(ConfigMismatchError, match=r"optim.lr = 0.001 \(checkpoint: 0.0005\)"):
+        DINOTrainer(tiny_pretrain_config(**{"optim.lr": 0.001}), out).train()
+    assert safe_load(out / "checkpoint.pt")["global_step"] == 2  # nothing was overwritten
+    DINOTrainer(tiny_pretrain_config(**{"train.max_steps": 3}), out).train()  # run-only settings may change
+    summary = DINOTrainer(tiny_pretrain_config(**{"optim.lr": 0.001, "train.resume_with_changes": True}), out).train()
+    assert summary["global_step"] == 4 and summary["steps_this_run"] == 1
+
+
 def _cli(out: Path, *extra: str) -> list:
     return [sys.executable, str(ROOT / "pretrain" / "dino.py"), "--modality", "oct", "--arch", "vit_tiny",
             "--img-size", "32", "--local-crops", "2", "--local-size", "16", "--batch-size", "4", "--epochs", "3",

@@ -55,9 +55,10 @@ def safe_load(path: "str | os.PathLike", map_location: "str | torch.device" = "c
         ) from None
 
 
-def restart_from_checkpoint(path: "str | os.PathLike", run_variables: Optional[Dict[str, Any]] = None,
+def restart_from_checkpoint(path: "str | os.PathLike | Dict[str, Any]", run_variables: Optional[Dict[str, Any]] = None,
                             map_location: "str | torch.device" = "cpu", **stateful: Any) -> Dict[str, Any]:
-    """Restore every stateful object from one checkpoint.
+    """Restore every stateful object from one checkpoint (a path, or a dict already read with
+    :func:`safe_load`).
 
     Each keyword argument names an entry of the checkpoint and an object with ``load_state_dict`` (model,
     optimiser, scaler, loss). Models are loaded strictly: a key mismatch is an error. Entries named in
@@ -66,7 +67,8 @@ def restart_from_checkpoint(path: "str | os.PathLike", run_variables: Optional[D
     Returns:
         The whole checkpoint dict.
     """
-    ckpt = safe_load(path, map_location=map_location)
+    ckpt = path if isinstance(path, dict) else safe_load(path, map_location=map_location)
+    path = "checkpoint" if isinstance(path, dict) else path
     for name, obj in stateful.items():
         if obj is None:
             continue

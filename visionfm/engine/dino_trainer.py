@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -23,7 +23,7 @@ from ..modalities import get_modality
 from ..models.vit import create_encoder, set_fused_attention
 from ..objectives.dino import DINOLoss, DINOModel, DINOSchedules, collapse_monitors
 from ..weights.export import save_encoder, update_index
-from .checkpoint import atomic_save, restart_from_checkpoint
+from .checkpoint import atomic_save, restart_from_checkpoint, safe_load
 from .distributed import DistInfo, barrier, init_distributed
 from .precision import autocast, resolve_precision
 
@@ -35,6 +35,28 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class ConfigMismatchError(ValueError):
+    """The run folder's checkpoint was written under a different config."""
+
+
+#: Settings that may change between a run and its resumption without changing what the run computes.
+RESUMABLE_KEYS = frozenset({"train.max_steps", "train.threads", "train.device", "train.log_every",
+                            "train.checkpoint_every_steps", "train.resume_with_changes", "data.num_workers",
+                            "data.cache", "export.to", "export.data_description"})
+
+
+def config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[Tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every setting that differs, except :data:`RESUMABLE_KEYS`."""
+    changes: List[Tuple[str, Any, Any]] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.extend(config_changes(a, b, f"{prefix}{key}."))
+        elif a != b and f"{prefix}{key}" not in RESUMABLE_KEYS:
+            changes.append((f"{prefix}{key}", a, b))
+    return changes
 
 
 def param_groups(model: torch.nn.Module) -> List[Dict[str, Any]]:
@@ -218,24 +240,24 @@ class DINOTrainer:
         path = self.output / CHECKPOINT_NAME
         if not path.is_file():
             return position
-        ckpt = restart_from_checkpoint(path, position, map_location=self.device, student=self.model.student,
-                                       teacher=self.model.teacher, optimizer=self.optimizer, dino_loss=self.loss_fn)
+        ckpt = safe_load(path, map_location=self.device)
+        changes = config_changes(ckpt.get("config") or {}, self.cfg)
+        if changes:
+            listing = "; ".join(f"{key} = {new!r} (checkpoint: {old!r})" for key, old, new in changes)
+            if not self.cfg["train"].get("resume_with_changes"):
+                # Resuming silently with another recipe leaves a run that no config reproduces.
+                raise ConfigMismatchError(
+                    f"{path} was written with a different config: {listing}. Use a new --output for a new run, or "
+                    "pass --set train.resume_with_changes=true to continue this one under the new settings")
+            log.warning("resuming under a changed config: %s", listing)
+        restart_from_checkpoint(ckpt, position, map_location=self.device, student=self.model.student,
+                                teacher=self.model.teacher, optimizer=self.optimizer, dino_loss=self.loss_fn)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self._warn_config_changes(ckpt.get("config") or {})
         if self.is_main:
             log.info("resuming from %s at epoch %d, step %d (global step %d)", path, position["epoch"],
                      position["step_in_epoch"], position["global_step"])
         return position
-
-    def _warn_config_changes(self, old: Dict[str, Any], prefix: str = "", new: Optional[Dict[str, Any]] = None) -> None:
-        new = self.cfg if new is None else new
-        for key in sorted(set(old) | set(new)):
-            a, b = old.get(key), new.get(key)
-            if isinstance(a, dict) and isinstance(b, dict):
-                self._warn_config_changes(a, f"{prefix}{key}.", b)
-            elif a != b and f"{prefix}{key}" not in ("train.max_steps", "export.to"):
-                log.warning("config differs from the checkpoint's: %s%s = %r (was %r)", prefix, key, b, a)
 
     # ----------------------------------------------------------------------------------------- loop
     def _on_signal(self, signum, _frame) -> None:
