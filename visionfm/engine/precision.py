@@ -7,7 +7,7 @@ from typing import ContextManager, Optional, Tuple
 
 import torch
 
-__all__ = ["resolve_precision", "autocast"]
+__all__ = ["resolve_precision", "autocast", "backward_and_step"]
 
 
 def _cpu_bf16_supported() -> bool:
@@ -43,3 +43,23 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManag
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      scaler: Optional["torch.amp.GradScaler"] = None, parameters=None,
+                      clip_grad: Optional[float] = None) -> None:
+    """One optimiser step: zero the gradients, backward (through the fp16 grad scaler when there is one),
+    clip the global gradient norm of ``parameters`` (after unscaling), step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(list(parameters), float(clip_grad))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()

@@ -22,7 +22,7 @@ from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ...engine.precision import autocast
+from ...engine.precision import autocast, backward_and_step
 from ...modalities import Modality, get_modality
 from .features import pooled_features
 from .probe import cosine_schedule
@@ -179,19 +179,7 @@ def finetune(model: EncoderClassifier, train_set: Dataset, val_set: Dataset, tas
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}; lower finetune.lr or "
                                          "use --precision fp32")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            backward_and_step(loss, optimizer, scaler, model.parameters(), cfg.clip_grad)
             running += float(loss.detach()) * images.shape[0]
             seen += images.shape[0]
             if writer is not None:

@@ -25,7 +25,7 @@ import torch
 from ...cli import add_common_arguments, resolve_data_root, resolve_device
 from ...config import CONFIG_DIR, ConfigError, build_config, save_config
 from ...engine.checkpoint import atomic_save, safe_load
-from ...engine.precision import resolve_precision
+from ...engine.precision import backward_and_step, resolve_precision
 from ...modalities import get_modality
 from .boxes import DetectionRecord
 
@@ -320,19 +320,7 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {step}: loss is {loss.item()} ({dict(log_vars)}); lower optim.lr or "
                                      f"check the boxes of this batch: {[s.img_path for s in data['data_samples']]}")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if oc.get("clip_grad"):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(oc["clip_grad"]))
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        backward_and_step(loss, optimizer, scaler, model.parameters(), oc.get("clip_grad"))
         step += 1
         if step % log_every == 0 or step == total:
             for key, value in log_vars.items():
