@@ -621,10 +621,10 @@ class CLIPModel(nn.Module):
                     max_logit_scale=float(meta.get("max_logit_scale", 100.0)),
                     image_blocks=int(meta.get("image_blocks", 1)))
         for name in ("image_proj", "text_proj"):
-            result = getattr(model, name).load_state_dict(groups[name], strict=False)
-            if result.missing_keys or result.unexpected_keys:
-                raise ValueError(f"{path}: {name} keys do not fit the metadata's projection: missing "
-                                 f"{result.missing_keys}, unexpected {result.unexpected_keys}")
+            try:
+                getattr(model, name).load_state_dict(groups[name], strict=True)
+            except RuntimeError as err:  # torch lists the missing and unexpected keys
+                raise ValueError(f"{path}: {name} keys do not fit the metadata's projection: {err}") from None
         with torch.no_grad():
             model.logit_scale.copy_(state["logit_scale"].float().reshape(()))
         model.metadata = meta

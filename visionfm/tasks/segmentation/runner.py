@@ -245,10 +245,10 @@ def load_checkpoint(path: "str | Path", cfg: Dict[str, Any], device: torch.devic
     # Window and stride come with the model; threshold and flip TTA stay the caller's choice.
     cfg["test"] = {**stored["test"], **{k: v for k, v in cfg["test"].items() if k in ("threshold", "flip")}}
     model, _ = build_segmentor(cfg, encoder=ckpt["encoder"])
-    result = model.load_state_dict(ckpt["model"], strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path}: checkpoint does not match the model it describes: missing {result.missing_keys}, "
-                         f"unexpected {result.unexpected_keys}")
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as err:  # torch lists the missing and unexpected keys
+        raise ValueError(f"{path}: checkpoint does not match the model it describes: {err}") from None
     return model.to(device), ckpt
 
 
