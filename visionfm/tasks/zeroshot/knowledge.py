@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-import yaml
 
-from ...config import CONFIG_DIR
+from ...config import CONFIG_DIR, ConfigError, load_yaml
 from ...modalities import get_modality
 
 __all__ = ["DEFAULT_KNOWLEDGE", "PLACEHOLDER", "KnowledgeError", "Category", "KnowledgeBase", "fill_template",
@@ -124,13 +123,11 @@ class KnowledgeBase:
     def load(cls, path: "str | os.PathLike | None" = None) -> "KnowledgeBase":
         """Read and validate a knowledge YAML (default: :data:`DEFAULT_KNOWLEDGE`)."""
         path = Path(path or DEFAULT_KNOWLEDGE)
-        if not path.is_file():
-            raise KnowledgeError(f"knowledge file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise KnowledgeError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(data, dict) or "templates" not in data or "categories" not in data:
+            data = load_yaml(path)  # the project's one YAML reader: missing file, bad YAML, non-mapping
+        except ConfigError as err:
+            raise KnowledgeError(f"knowledge file: {err}") from None
+        if "templates" not in data or "categories" not in data:
             raise KnowledgeError(f"{path}: expected top-level 'templates' and 'categories' mappings")
         templates = data["templates"]
         if not isinstance(templates, dict) or "default" not in templates:
