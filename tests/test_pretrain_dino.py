@@ -59,7 +59,7 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
 
 
 def test_resume_under_a_changed_config_is_refused_unless_asked_for(tmp_path):
-    from visionfm.engine.dino_trainer import ConfigMismatchError
+    from visionfm.config import ConfigMismatchError
 
     out = tmp_path / "run"
     DINOTrainer(tiny_pretrain_config(**{"train.max_steps": 2}), out).train()

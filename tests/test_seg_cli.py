@@ -126,6 +126,34 @@ def test_predict_writes_masks(trained, dataset, tmp_path):
         assert (tmp_path / f"{name}_prob.png").is_file()
 
 
+def _weights(path):
+    return {k: v for k, v in torch.load(path, weights_only=True)["model"].items()}
+
+
+def test_stopped_run_resumes_to_the_uninterrupted_result(dataset, encoder_file, tmp_path, capsys, caplog):
+    # A run stopped after 3 of its 6 steps (--max-steps keeps the 6-step schedule) and rerun into the same folder
+    # must end where an uninterrupted 6-step run ends: model, optimiser, crop sampler and RNG all restored.
+    common = ["--dataset", str(dataset), "--weights", str(encoder_file), "--finetune", "--set", "optim.steps=6",
+              "--set", "train.val_every=3", "--set", "optim.warmup_steps=2", *TINY]
+    assert main([*common, "--output", str(tmp_path / "whole")]) == 0
+    assert main([*common, "--output", str(tmp_path / "parts"), "--max-steps", "3"]) == 0
+    assert torch.load(tmp_path / "parts" / "last.pth", weights_only=True)["step"] == 3
+    with caplog.at_level("INFO", logger="visionfm.seg"):
+        assert main([*common, "--output", str(tmp_path / "parts")]) == 0
+    assert "resuming" in caplog.text and "at step 3" in caplog.text
+    capsys.readouterr()
+    whole, parts = _weights(tmp_path / "whole" / "last.pth"), _weights(tmp_path / "parts" / "last.pth")
+    assert whole.keys() == parts.keys()
+    for key in whole:
+        assert torch.equal(whole[key], parts[key]), key
+    m_whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    m_parts = json.loads((tmp_path / "parts" / "metrics.json").read_text())
+    assert m_parts["best_step"] == m_whole["best_step"] and m_parts["pooled"] == m_whole["pooled"]
+    # the same folder under another recipe is refused, naming the setting
+    assert main([*common, "--output", str(tmp_path / "parts"), "--set", "optim.lr=0.01"]) == 1
+    assert "optim.lr = 0.01" in capsys.readouterr().err
+
+
 def test_unsafe_checkpoint_refused(dataset, tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     with open(bad, "wb") as fh:

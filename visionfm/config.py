@@ -14,11 +14,12 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import yaml
 
-__all__ = ["CONFIG_DIR", "ConfigError", "load_yaml", "merge", "apply_overrides", "build_config", "save_config"]
+__all__ = ["CONFIG_DIR", "ConfigError", "ConfigMismatchError", "RESUMABLE_KEYS", "load_yaml", "merge", "apply_overrides",
+           "build_config", "save_config", "config_changes", "check_resumable"]
 
 #: The repository's ``configs/`` folder (the package is used from a checkout or an editable install).
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -26,6 +27,16 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used."""
+
+
+class ConfigMismatchError(ValueError):
+    """A run folder's checkpoint was written under a different config."""
+
+
+#: Settings that may change between a run and its resumption without changing what the run computes.
+RESUMABLE_KEYS = frozenset({"train.max_steps", "train.threads", "train.device", "train.log_every",
+                            "train.checkpoint_every_steps", "train.resume_with_changes", "data.num_workers",
+                            "data.cache", "export.to", "export.data_description"})
 
 
 def load_yaml(path: "str | os.PathLike") -> Dict[str, Any]:
@@ -113,3 +124,34 @@ def save_config(cfg: Mapping[str, Any], path: "str | os.PathLike") -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
     os.replace(tmp, path)
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> List[Tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every setting that differs, except :data:`RESUMABLE_KEYS`."""
+    changes: List[Tuple[str, Any, Any]] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.extend(config_changes(a, b, f"{prefix}{key}."))
+        elif a != b and f"{prefix}{key}" not in RESUMABLE_KEYS:
+            changes.append((f"{prefix}{key}", a, b))
+    return changes
+
+
+def check_resumable(checkpoint_config: Mapping[str, Any], cfg: Mapping[str, Any], path: "str | os.PathLike",
+                    allow_changes: bool = False) -> List[Tuple[str, Any, Any]]:
+    """Refuse to resume the checkpoint at ``path`` under a config other than the one it was written with.
+
+    Resuming silently with another recipe leaves a run that no config reproduces, so a difference is an error
+    unless ``allow_changes`` (``train.resume_with_changes``). Returns the differences.
+
+    Raises:
+        ConfigMismatchError: the configs differ and ``allow_changes`` is false.
+    """
+    changes = config_changes(checkpoint_config or {}, cfg)
+    if changes and not allow_changes:
+        listing = "; ".join(f"{key} = {new!r} (checkpoint: {old!r})" for key, old, new in changes)
+        raise ConfigMismatchError(
+            f"{path} was written with a different config: {listing}. Use a new --output for a new run, or "
+            "pass --set train.resume_with_changes=true to continue this one under the new settings")
+    return changes

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-__all__ = ["UnsafeCheckpointError", "atomic_save", "safe_load", "restart_from_checkpoint"]
+__all__ = ["UnsafeCheckpointError", "atomic_save", "safe_load", "restart_from_checkpoint", "stop_requests"]
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +87,24 @@ def restart_from_checkpoint(path: "str | os.PathLike | Dict[str, Any]", run_vari
                 run_variables[key] = ckpt[key]
     log.info("restarted from %s", path)
     return ckpt
+
+
+@contextlib.contextmanager
+def stop_requests(what: str = "a checkpoint") -> Iterator[List[int]]:
+    """Turn SIGTERM/SIGINT into a request the training loop honours at the end of its current step.
+
+    Yields a list that receives the signal numbers; the loop saves its state and exits when it is non-empty.
+    The previous handlers are restored on exit, whatever happens inside.
+    """
+    received: List[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        received.append(signum)
+        log.warning("received %s: saving %s after this step", signal.Signals(signum).name, what)
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)

@@ -8,14 +8,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import save_config
+from ..config import check_resumable, save_config
 from ..data.augment import MultiCropAugmentation
 from ..data.synthetic import SyntheticImages
 from ..data.unlabeled import UnlabeledImages, list_images
@@ -35,28 +35,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-class ConfigMismatchError(ValueError):
-    """The run folder's checkpoint was written under a different config."""
-
-
-#: Settings that may change between a run and its resumption without changing what the run computes.
-RESUMABLE_KEYS = frozenset({"train.max_steps", "train.threads", "train.device", "train.log_every",
-                            "train.checkpoint_every_steps", "train.resume_with_changes", "data.num_workers",
-                            "data.cache", "export.to", "export.data_description"})
-
-
-def config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[Tuple[str, Any, Any]]:
-    """``(dotted key, old value, new value)`` for every setting that differs, except :data:`RESUMABLE_KEYS`."""
-    changes: List[Tuple[str, Any, Any]] = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes.extend(config_changes(a, b, f"{prefix}{key}."))
-        elif a != b and f"{prefix}{key}" not in RESUMABLE_KEYS:
-            changes.append((f"{prefix}{key}", a, b))
-    return changes
 
 
 def param_groups(model: torch.nn.Module) -> List[Dict[str, Any]]:
@@ -241,15 +219,10 @@ class DINOTrainer:
         if not path.is_file():
             return position
         ckpt = safe_load(path, map_location=self.device)
-        changes = config_changes(ckpt.get("config") or {}, self.cfg)
+        changes = check_resumable(ckpt.get("config") or {}, self.cfg, path,
+                                  bool(self.cfg["train"].get("resume_with_changes")))
         if changes:
-            listing = "; ".join(f"{key} = {new!r} (checkpoint: {old!r})" for key, old, new in changes)
-            if not self.cfg["train"].get("resume_with_changes"):
-                # Resuming silently with another recipe leaves a run that no config reproduces.
-                raise ConfigMismatchError(
-                    f"{path} was written with a different config: {listing}. Use a new --output for a new run, or "
-                    "pass --set train.resume_with_changes=true to continue this one under the new settings")
-            log.warning("resuming under a changed config: %s", listing)
+            log.warning("resuming under a changed config: %s", changes)
         restart_from_checkpoint(ckpt, position, map_location=self.device, student=self.model.student,
                                 teacher=self.model.teacher, optimizer=self.optimizer, dino_loss=self.loss_fn)
         if self.scaler is not None and ckpt.get("scaler"):

@@ -25,11 +25,11 @@ from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
 from torch import nn
 
-from ...config import save_config
+from ...config import check_resumable, save_config
 from ...data.datasets.generic_seg import SegSample, SegSplits
 from ...data.io import is_image_file, read_image
-from ...engine.checkpoint import atomic_save, safe_load
-from ...engine.precision import autocast, resolve_precision
+from ...engine.checkpoint import atomic_save, restart_from_checkpoint, safe_load, stop_requests
+from ...engine.precision import autocast, backward_and_step, resolve_precision
 from ...modalities import get_modality
 from .data import (CropSampler, LoadedImage, SegAugmentation, load_dataset, load_image, load_truth,
                    split_validation, working_size, resize_array)
@@ -43,6 +43,8 @@ __all__ = ["CHECKPOINT_FORMAT", "NonFiniteLossError", "prepare_splits", "param_g
 log = logging.getLogger("visionfm.seg")
 
 CHECKPOINT_FORMAT = "visionfm-seg-1"
+#: The training state written at every validation and on SIGTERM/SIGINT; a rerun into the same folder resumes it.
+RESUME_NAME = "last.pth"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -258,6 +260,37 @@ def _save_best(path: Path, model: nn.Module, cfg: Dict[str, Any], step: int, val
                  "config": cfg, "encoder": encoder_record(model.backbone.info)}, path)
 
 
+def _save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       scaler: Optional["torch.amp.GradScaler"], sampler: CropSampler, cfg: Dict[str, Any], step: int,
+                       best: Dict[str, Any], seen_loss: List[float], seconds: float) -> None:
+    """Everything the loop needs to continue at ``step`` as if it had not stopped (atomic write)."""
+    atomic_save({"format": CHECKPOINT_FORMAT + "-train", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None, "step": int(step),
+                 "best": {"step": best["step"], "value": float(best["value"]), "val": _clean(best["val"])},
+                 "loss_tail": [float(v) for v in seen_loss[-20:]], "sampler_rng": sampler.rng.bit_generator.state,
+                 "rng_torch": torch.get_rng_state(), "train_seconds": float(seconds), "config": cfg}, path)
+
+
+def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Optional["torch.amp.GradScaler"],
+            sampler: CropSampler, cfg: Dict[str, Any]) -> Tuple[int, Dict[str, Any], List[float], float]:
+    """Restore the state written by :func:`_save_resume_state`; returns ``(step, best record, recent losses,
+    training seconds so far)``."""
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT + "-train":
+        raise ValueError(f"{path}: not a VisionFM segmentation training state; move it away or use a new --output")
+    changes = check_resumable(ckpt.get("config") or {}, cfg, path, bool(cfg["train"].get("resume_with_changes")))
+    if changes:
+        log.warning("resuming under a changed config: %s", changes)
+    restart_from_checkpoint(ckpt, model=model, optimizer=optimizer)
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    sampler.rng.bit_generator.state = ckpt["sampler_rng"]
+    torch.set_rng_state(ckpt["rng_torch"])
+    best = dict(ckpt["best"])
+    log.info("resuming %s at step %d (best validation so far: step %s)", path, ckpt["step"], best["step"])
+    return int(ckpt["step"]), best, list(ckpt["loss_tail"]), float(ckpt.get("train_seconds", 0.0))
+
+
 # -------------------------------------------------------------------------------------------------- train
 
 def _batch(images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
@@ -314,7 +347,8 @@ def train(cfg: Dict[str, Any], output: "str | Path", data_root: "str | Path", de
     log.info("encoder: %s %s from %s (%s), blocks %s; head %s", info.modality, info.arch,
              info.source or "random initialisation", "frozen" if cfg["model"]["freeze_encoder"] else "fine-tuned",
              list(model.backbone.out_indices), mm_cfg["decode_head"]["type"])
-    amp_dtype, _ = resolve_precision(t_cfg.get("precision", "auto"), device)
+    amp_dtype, needs_scaler = resolve_precision(t_cfg.get("precision", "auto"), device)
+    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None  # fp16 on GPUs without bf16
 
     t0 = time.time()
     train_images = _load_all(train_samples, cfg, splits.fov_from_image)
@@ -329,13 +363,15 @@ def train(cfg: Dict[str, Any], output: "str | Path", data_root: "str | Path", de
                               rotate_degrees=float(aug_cfg.get("rotate_degrees", 0.0)),
                               colour_jitter=float(aug_cfg.get("colour_jitter", 0.2)), hue=float(aug_cfg.get("hue", 0.0)))
 
-    total = int(o_cfg["steps"])
+    # --max-steps stops the run early on the full recipe's schedule, so that rerunning without it resumes the
+    # same run rather than a differently scheduled one.
+    total = planned = int(o_cfg["steps"])
     if t_cfg.get("max_steps"):
         total = min(total, int(t_cfg["max_steps"]))
     lr = float(o_cfg["lr"])
     groups = param_groups(model, lr, float(o_cfg.get("weight_decay", 0.05)), float(o_cfg.get("layer_decay", 1.0)))
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
-    schedule = lr_multipliers(total, int(o_cfg.get("warmup_steps", 0)), float(o_cfg.get("min_lr_ratio", 0.01)))
+    schedule = lr_multipliers(planned, int(o_cfg.get("warmup_steps", 0)), float(o_cfg.get("min_lr_ratio", 0.01)))
     batch_size = int(o_cfg["batch_size"])
     val_every = max(1, int(t_cfg.get("val_every", 200)))
     threshold = float(cfg["test"].get("threshold", 0.5))
@@ -347,50 +383,59 @@ def train(cfg: Dict[str, Any], output: "str | Path", data_root: "str | Path", de
     log.info("training %d steps, batch %d crops of %d px, lr %.2e (layer decay %s), %s on %s", total, batch_size,
              int(data["crop_size"]), lr, o_cfg.get("layer_decay", 1.0), amp_dtype or "fp32", device)
 
+    resume_path = output / RESUME_NAME
+    start, seen_loss, seconds_before = 0, [], 0.0
+    if resume_path.is_file():
+        start, best, seen_loss, seconds_before = _resume(resume_path, model, optimizer, scaler, sampler, cfg)
     t_train = time.time()
-    seen_loss = []
-    for step in range(total):
-        model.train()
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"] * schedule[step]
-        images, labels = sampler.sample(batch_size)
-        images, labels = augment(images, labels)
-        batch = model.data_preprocessor(_batch(images.to(device), labels.to(device)), training=True)
-        with autocast(device, amp_dtype):
-            losses = model(**batch, mode="loss")
-        loss, log_vars = model.parse_losses(losses)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"loss is {loss.item()} at step {step + 1} ({log_vars}); lower optim.lr or "
-                                     f"use train.precision=fp32. {best_path} (if any) holds the best model so far")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], clip)
-        optimizer.step()
-        seen_loss.append(float(loss.item()))
-        for key, value in log_vars.items():
-            writer.add_scalar(f"train/{key}", float(value.detach() if torch.is_tensor(value) else value), step + 1)
-        writer.add_scalar("train/lr", lr * schedule[step], step + 1)
-        if (step + 1) % int(t_cfg.get("log_every", 20)) == 0 or step == 0:
-            elapsed = time.time() - t_train
-            log.info("step %d/%d loss %.4f (%.2f s/step)", step + 1, total, float(np.mean(seen_loss[-20:])),
-                     elapsed / (step + 1))
-        if (step + 1) % val_every == 0 or step + 1 == total:
-            if val_images:
-                val = _validate(model, val_images, threshold, device, amp_dtype)
-                for key in METRIC_NAMES:
-                    if not math.isnan(val[key]):
-                        writer.add_scalar(f"val/{key}", val[key], step + 1)
-                value = val[select]
-                log.info("step %d validation: dice %.4f auc %.4f%s", step + 1, val["dice"], val["auc"],
-                         " (best)" if value > best["value"] else "")
-            else:
-                val, value = {}, float(step)  # nothing to validate on: keep the last model
-            if best["step"] is None or value > best["value"]:
-                best = {"step": step + 1, "value": value, "val": val}
-                _save_best(best_path, model, cfg, step + 1, val)
-            writer.flush()
-    train_seconds = time.time() - t_train
+    with stop_requests(str(resume_path)) as stop_signal:
+        for step in range(start, total):
+            model.train()
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"] * float(schedule[step])  # a Python float: safe to torch.load
+            images, labels = sampler.sample(batch_size)
+            images, labels = augment(images, labels)
+            batch = model.data_preprocessor(_batch(images.to(device), labels.to(device)), training=True)
+            with autocast(device, amp_dtype):
+                losses = model(**batch, mode="loss")
+            loss, log_vars = model.parse_losses(losses)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"loss is {loss.item()} at step {step + 1} ({log_vars}); lower optim.lr or "
+                                         f"use train.precision=fp32. {best_path} (if any) holds the best model so far")
+            backward_and_step(loss, optimizer, scaler, [p for g in groups for p in g["params"]], clip or None)
+            seen_loss.append(float(loss.item()))
+            for key, value in log_vars.items():
+                writer.add_scalar(f"train/{key}", float(value.detach() if torch.is_tensor(value) else value), step + 1)
+            writer.add_scalar("train/lr", lr * schedule[step], step + 1)
+            if (step + 1) % int(t_cfg.get("log_every", 20)) == 0 or step == 0:
+                elapsed = time.time() - t_train
+                log.info("step %d/%d loss %.4f (%.2f s/step)", step + 1, total, float(np.mean(seen_loss[-20:])),
+                         elapsed / (step + 1 - start))
+            if (step + 1) % val_every == 0 or step + 1 == total:
+                if val_images:
+                    val = _validate(model, val_images, threshold, device, amp_dtype)
+                    for key in METRIC_NAMES:
+                        if not math.isnan(val[key]):
+                            writer.add_scalar(f"val/{key}", val[key], step + 1)
+                    value = val[select]
+                    log.info("step %d validation: dice %.4f auc %.4f%s", step + 1, val["dice"], val["auc"],
+                             " (best)" if value > best["value"] else "")
+                else:
+                    val, value = {}, float(step)  # nothing to validate on: keep the last model
+                if best["step"] is None or value > best["value"]:
+                    best = {"step": step + 1, "value": value, "val": val}
+                    _save_best(best_path, model, cfg, step + 1, val)
+                _save_resume_state(resume_path, model, optimizer, scaler, sampler, cfg, step + 1, best, seen_loss,
+                                   seconds_before + time.time() - t_train)
+                writer.flush()
+            if stop_signal:
+                _save_resume_state(resume_path, model, optimizer, scaler, sampler, cfg, step + 1, best, seen_loss,
+                                   seconds_before + time.time() - t_train)
+                writer.close()
+                log.warning("stopped after step %d; run the same command again to resume from %s", step + 1,
+                            resume_path)
+                raise SystemExit(128 + stop_signal[0])
+    train_seconds = seconds_before + time.time() - t_train
     writer.close()
 
     log.info("best validation %s %.4f at step %s; evaluating %s on %d test images", select, best["value"],
