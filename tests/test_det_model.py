@@ -15,11 +15,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from test_det_data import make_fake_idrid
-from visionfm.config import apply_overrides, load_yaml
+from visionfm.config import ConfigMismatchError, apply_overrides, load_yaml
 from visionfm.models.vit import create_encoder
 from visionfm.tasks.detection import models  # noqa: F401 - registers the components
 from visionfm.tasks.detection.boxes import DetectionRecord
-from visionfm.tasks.detection.dataset import DetectionDataset
+from visionfm.tasks.detection.dataset import DetectionDataset, StepBatchSampler
 from visionfm.tasks.detection.evaluation import Prediction, coco_metrics, predict
 from visionfm.tasks.detection.models import SimpleFeaturePyramid
 from visionfm.tasks.detection.runner import DEFAULT_CONFIG, build_detector, main
@@ -214,6 +214,44 @@ def test_cli_idrid_od_end_to_end(tmp_path: Path):
     assert Image.open(out / "predictions" / "IDRiD_07.png").size == (64, 43)
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert (out / "config.yaml").is_file() and (out / "mmdet_config.py").is_file()
+
+
+def test_cli_stopped_run_resumes_to_the_uninterrupted_result(tmp_path: Path):
+    # 5 steps over 4 training images at batch 2 cross two epoch boundaries; the stopped run (--max-steps 3 keeps
+    # the 5-step schedule) resumes from last.pth and must end with the uninterrupted run's weights. Drop-path on,
+    # so the global RNG must be restored too.
+    root = make_fake_idrid(tmp_path / "data")
+    common = ["--dataset", "IDRiD", "--target", "od", "--data-root", str(root), "--set", "dataset.val_count=2",
+              "--set", "train.eval_every=3", "--set", "optim.steps=5", "--set", "data.hflip=0.5",
+              "--set", "data.color_jitter=0.2", *_tiny_args(), "--set", "model.drop_path_rate=0.2"]
+    assert main([*common, "--output", str(tmp_path / "whole")]) == 0
+    assert main([*common, "--output", str(tmp_path / "parts"), "--max-steps", "3"]) == 0
+    assert torch.load(tmp_path / "parts" / "last.pth", weights_only=True)["step"] == 3
+    assert main([*common, "--output", str(tmp_path / "parts")]) == 0
+    whole = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)
+    parts = torch.load(tmp_path / "parts" / "last.pth", weights_only=True)
+    assert whole["step"] == parts["step"] == 5
+    for key, value in whole["model"].items():
+        assert torch.equal(value, parts["model"][key]), key
+    m_whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    m_parts = json.loads((tmp_path / "parts" / "metrics.json").read_text())
+    assert m_parts["best_step"] == m_whole["best_step"] and m_parts["map"] == m_whole["map"]
+    with pytest.raises(ConfigMismatchError, match=r"optim.lr = 0.01"):
+        main([*common, "--output", str(tmp_path / "parts"), "--set", "optim.lr=0.01"])
+    with pytest.raises(ConfigMismatchError, match="--limit"):
+        main([*common, "--output", str(tmp_path / "parts"), "--limit", "3"])
+
+
+def test_step_batch_sampler_is_a_function_of_the_step():
+    full = list(StepBatchSampler(5, 2, seed=3, start=0, stop=7))
+    assert list(StepBatchSampler(5, 2, seed=3, start=4, stop=7)) == full[4:]
+    for epoch in range(3):  # two batches an epoch (drop-last), no image twice within one
+        indices = [i for batch in full[2 * epoch:2 * epoch + 2] for i, _ in batch]
+        assert len(set(indices)) == 4
+    assert [i for i, _ in full[0]] != [i for i, _ in full[2]] or [i for i, _ in full[1]] != [i for i, _ in full[3]]
+    assert len({seed for batch in full for _, seed in batch}) == 14  # every draw its own augmentation seed
+    with pytest.raises(ValueError, match="batch size 6"):
+        StepBatchSampler(5, 6, seed=0, start=0, stop=1)
 
 
 def test_cli_fovea_and_lesions(tmp_path: Path):

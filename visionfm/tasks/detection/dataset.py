@@ -9,7 +9,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from PIL import Image
 from ...data.io import read_image
 from .boxes import DetectionRecord, flip_boxes, scale_boxes
 
-__all__ = ["resize_longest", "DetectionDataset"]
+__all__ = ["resize_longest", "DetectionDataset", "StepBatchSampler"]
 
 
 def resize_longest(image: np.ndarray, max_size: int) -> Tuple[np.ndarray, Tuple[float, float]]:
@@ -93,19 +93,23 @@ class DetectionDataset(torch.utils.data.Dataset):
             self._cache[index] = (image, scale)
         return image, scale
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: Union[int, Tuple[int, int]]) -> dict:
+        """Sample ``item``: an index, or ``(index, seed)`` as :class:`StepBatchSampler` yields, whose seed alone
+        decides the training augmentation (so that it does not depend on the worker or on earlier draws); with a
+        plain index, training augmentation draws from the dataset's own generator."""
+        index, rng = (item[0], np.random.default_rng(item[1])) if isinstance(item, tuple) else (item, self._rng)
         rec = self.records[index]
         image, scale = self.image(index)
         h, w = image.shape[:2]
         boxes = scale_boxes(rec.boxes, scale)
-        flipped = self.train and self._rng.random() < self.hflip
+        flipped = self.train and rng.random() < self.hflip
         if flipped:
             image = image[:, ::-1]
             boxes = flip_boxes(boxes, w)
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if self.train and self.color_jitter > 0:
-            contrast = 1.0 + self._rng.uniform(-self.color_jitter, self.color_jitter)
-            brightness = 255.0 * self._rng.uniform(-self.color_jitter, self.color_jitter) / 2
+            contrast = 1.0 + rng.uniform(-self.color_jitter, self.color_jitter)
+            brightness = 255.0 * rng.uniform(-self.color_jitter, self.color_jitter) / 2
             mean = tensor.float().mean()
             tensor = ((tensor.float() - mean) * contrast + mean + brightness).clamp(0, 255).round().to(torch.uint8)
         sample = DetDataSample(metainfo=dict(
@@ -136,3 +140,41 @@ class DetectionDataset(torch.utils.data.Dataset):
         """True points of all records, or ``None`` when the dataset has none."""
         points = [rec.point for rec in self.records]
         return None if any(p is None for p in points) else points  # type: ignore[return-value]
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Training batches as a function of the step number alone, from ``start`` to ``stop``.
+
+    Step ``s`` takes batch ``s % per_epoch`` of epoch ``s // per_epoch``'s shuffle (drop-last), the shuffle seeded
+    from ``(seed, epoch)``; each draw carries its own augmentation seed from ``(seed, s, slot)``. A run resumed at
+    step ``s`` therefore sees exactly the batches, flips and jitter of an uninterrupted run, with any number of
+    data-loader workers.
+
+    Args:
+        size: Number of training images.
+        batch_size: Images per step (at most ``size``).
+        seed: Run seed.
+        start: First step to yield.
+        stop: Step to stop before.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int):
+        if not 1 <= batch_size <= size:
+            raise ValueError(f"batch size {batch_size} must be between 1 and the {size} training images")
+        self.size, self.batch_size, self.seed = int(size), int(batch_size), int(seed)
+        self.start, self.stop = int(start), int(stop)
+        self.per_epoch = self.size // self.batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        epoch, order = None, None
+        for step in range(self.start, self.stop):
+            if step // self.per_epoch != epoch:
+                epoch = step // self.per_epoch
+                order = torch.randperm(self.size, generator=torch.Generator().manual_seed(
+                    int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))).tolist()
+            first = (step % self.per_epoch) * self.batch_size
+            seeds = np.random.SeedSequence([self.seed, step]).generate_state(self.batch_size)
+            yield [(order[first + slot], int(seeds[slot])) for slot in range(self.batch_size)]

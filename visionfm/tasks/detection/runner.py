@@ -5,6 +5,8 @@ Outputs in ``--output``: ``config.yaml`` (the merged config), ``mmdet_config.py`
 ``best.pth`` (``{"model", "step", "val", "classes", "config"}``, written atomically, loadable with
 ``weights_only=True``), ``metrics.json`` (test metrics; COCO ``map``/``ap50``/``ap75`` and, for od / fovea, the
 point distances), ``predictions/*.png`` (green: truth, red: prediction) and TensorBoard logs in ``tb/``.
+``last.pth`` holds the training state (model, optimiser, position, RNG), written at every validation and on
+SIGTERM/SIGINT: rerunning the same command resumes the run where it stopped.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import numpy as np
 import torch
 
 from ...cli import add_common_arguments, resolve_data_root, resolve_device
-from ...config import CONFIG_DIR, ConfigError, build_config, save_config
-from ...engine.checkpoint import atomic_save, safe_load
+from ...config import CONFIG_DIR, ConfigError, ConfigMismatchError, build_config, check_resumable, save_config
+from ...engine.checkpoint import atomic_save, restart_from_checkpoint, safe_load, stop_requests
 from ...engine.precision import backward_and_step, resolve_precision
 from ...modalities import get_modality
 from .boxes import DetectionRecord
@@ -34,6 +36,9 @@ __all__ = ["DEFAULT_CONFIG", "build_parser", "load_records", "build_detector", "
 log = logging.getLogger("visionfm.det")
 
 DEFAULT_CONFIG = CONFIG_DIR / "det" / "default.yaml"
+#: The training state written at every validation and on SIGTERM/SIGINT; a rerun into the same folder resumes it.
+RESUME_NAME = "last.pth"
+RESUME_FORMAT = "visionfm-det-train-1"
 SELECT_METRICS = ("map", "ap50", "ap75", "within_1_8_dd")
 
 
@@ -212,6 +217,37 @@ def _lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _save_resume_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       scaler: Optional["torch.amp.GradScaler"], cfg: Dict[str, Any], limit: Optional[int], step: int,
+                       best: Dict[str, Any], seconds: float) -> None:
+    """Everything the loop needs to continue after ``step`` as if it had not stopped (atomic write)."""
+    atomic_save({"format": RESUME_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None, "step": int(step), "best": best,
+                 "rng_torch": torch.get_rng_state(), "train_seconds": float(seconds), "limit": limit,
+                 "config": cfg}, path)
+
+
+def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: Optional["torch.amp.GradScaler"], cfg: Dict[str, Any], limit: Optional[int]
+            ) -> Tuple[int, Dict[str, Any], float]:
+    """Restore :func:`_save_resume_state`'s state; returns ``(step, best record, training seconds so far)``."""
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != RESUME_FORMAT:
+        raise ConfigError(f"{path}: not a VisionFM detection training state; move it away or use a new --output")
+    if ckpt.get("limit") != limit:
+        raise ConfigMismatchError(f"{path} was written with --limit {ckpt.get('limit')}, not {limit}: use a new "
+                                  f"--output for a new run")
+    changes = check_resumable(ckpt.get("config") or {}, cfg, path, bool(cfg["train"].get("resume_with_changes")))
+    if changes:
+        log.warning("resuming under a changed config: %s", changes)
+    restart_from_checkpoint(ckpt, model=model, optimizer=optimizer)
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng_torch"])
+    log.info("resuming %s after step %d (best validation so far: step %s)", path, ckpt["step"], ckpt["best"]["step"])
+    return int(ckpt["step"]), dict(ckpt["best"]), float(ckpt.get("train_seconds", 0.0))
+
+
 def _json_ready(value: Any) -> Any:
     """NaN (e.g. the AP of a class absent from a split) becomes ``null``: strict JSON has no NaN."""
     if isinstance(value, dict):
@@ -237,7 +273,7 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
     from mmengine.dataset import pseudo_collate  # noqa: PLC0415
     from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
-    from .dataset import DetectionDataset  # noqa: PLC0415
+    from .dataset import DetectionDataset, StepBatchSampler  # noqa: PLC0415
     from .evaluation import draw_predictions, evaluate  # noqa: PLC0415
 
     t_start = time.time()
@@ -279,68 +315,81 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
     log.info("encoder: %s %s from %s; training precision %s", info.modality, info.arch,
              info.source or "random initialisation", amp_dtype or "fp32")
 
-    total = int(oc["steps"])
+    # --max-steps stops the run early on the full recipe's schedule, so that rerunning without it resumes the
+    # same run rather than a differently scheduled one.
+    total = planned = int(oc["steps"])
     if tc.get("max_steps") is not None:
         total = min(total, int(tc["max_steps"]))
     if total < 1:
         raise ConfigError(f"nothing to train: {total} steps")
     optimizer = torch.optim.AdamW(_param_groups(model, float(oc["lr"]), float(oc["backbone_lr_mult"]),
                                                 float(oc["weight_decay"])), lr=float(oc["lr"]))
-    generator = torch.Generator().manual_seed(seed)
     batch_size = min(int(oc["batch_size"]), len(datasets["train"]))
-    loader = torch.utils.data.DataLoader(datasets["train"], batch_size=batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=pseudo_collate, generator=generator,
-                                         num_workers=int(tc["num_workers"]))
     writer = SummaryWriter(str(output / "tb"))
-    best_path = output / "best.pth"
-    best_score, best_step, best_val = -math.inf, None, None
+    best_path, resume_path = output / "best.pth", output / RESUME_NAME
+    best: Dict[str, Any] = {"score": -math.inf, "step": None, "val": None}
     eval_every = max(1, int(tc["eval_every"]))
     log_every = max(1, int(tc["log_every"]))
-    warmup = min(int(oc["warmup_steps"]), max(0, total - 1))
+    warmup = min(int(oc["warmup_steps"]), max(0, planned - 1))
     # Evaluation runs in fp32 whatever the training precision: bf16 scores (8-bit mantissa) tie in the ranking
     # that AP and the top-box point depend on, and evaluation is a small part of the time.
     eval_kw = dict(batch_size=int(ec["batch_size"]), amp_dtype=None, classwise=bool(ec["classwise"]))
 
+    step, seconds_before = 0, 0.0
+    if resume_path.is_file():
+        step, best, seconds_before = _resume(resume_path, model, optimizer, scaler, cfg, limit)
+    start = step
+    # Batches are a function of the step number (StepBatchSampler); the loader's own generator keeps its worker
+    # seed from drawing on the global RNG, which the model's drop-path uses and a resumed run restores.
+    loader = torch.utils.data.DataLoader(
+        datasets["train"], batch_sampler=StepBatchSampler(len(datasets["train"]), batch_size, seed, step, total),
+        collate_fn=pseudo_collate, num_workers=int(tc["num_workers"]), generator=torch.Generator().manual_seed(seed))
+
     model.train()
-    step, t_train = 0, time.time()
-    iterator = iter(loader)
-    while step < total:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            iterator = iter(loader)
-            batch = next(iterator)
-        factor = _lr_factor(step, total, warmup, float(oc["min_lr_ratio"]))
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        data = model.data_preprocessor(batch, training=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            losses = model(**data, mode="loss")
-        loss, log_vars = model.parse_losses(losses)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss.item()} ({dict(log_vars)}); lower optim.lr or "
-                                     f"check the boxes of this batch: {[s.img_path for s in data['data_samples']]}")
-        backward_and_step(loss, optimizer, scaler, model.parameters(), oc.get("clip_grad"))
-        step += 1
-        if step % log_every == 0 or step == total:
-            for key, value in log_vars.items():
-                writer.add_scalar(f"train/{key}", float(torch.as_tensor(value).detach()), step)
-            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-            log.info("step %d/%d loss %.4f (%.2f s/step)", step, total, loss.item(),
-                     (time.time() - t_train) / step)
-        if step % eval_every == 0 or step == total:
-            val, _ = evaluate(model, datasets["val"], **eval_kw)
-            for key, value in val.items():
-                writer.add_scalar(f"val/{key}", float(value), step)
-            score = float(val[select])
-            log.info("step %d validation: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
-            if score >= best_score or best_step is None:  # ties go to the later, longer-trained checkpoint
-                best_score, best_step, best_val = score, step, val
-                atomic_save({"model": model.state_dict(), "step": step, "val": val, "classes": list(classes),
-                             "config": cfg}, best_path)
-                log.info("step %d: best validation %s %.4g, saved %s", step, select, score, best_path)
-            model.train()
-    train_time = time.time() - t_train
+    t_train = time.time()
+    with stop_requests(str(resume_path)) as stop_signal:
+        for batch in loader:
+            factor = _lr_factor(step, planned, warmup, float(oc["min_lr_ratio"]))
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            data = model.data_preprocessor(batch, training=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                losses = model(**data, mode="loss")
+            loss, log_vars = model.parse_losses(losses)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: loss is {loss.item()} ({dict(log_vars)}); lower optim.lr or "
+                                         f"check the boxes of this batch: {[s.img_path for s in data['data_samples']]}")
+            backward_and_step(loss, optimizer, scaler, model.parameters(), oc.get("clip_grad"))
+            step += 1
+            if step % log_every == 0 or step == total:
+                for key, value in log_vars.items():
+                    writer.add_scalar(f"train/{key}", float(torch.as_tensor(value).detach()), step)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+                log.info("step %d/%d loss %.4f (%.2f s/step)", step, total, loss.item(),
+                         (time.time() - t_train) / (step - start))
+            if step % eval_every == 0 or step == total:
+                val, _ = evaluate(model, datasets["val"], **eval_kw)
+                for key, value in val.items():
+                    writer.add_scalar(f"val/{key}", float(value), step)
+                score = float(val[select])
+                log.info("step %d validation: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+                if score >= best["score"] or best["step"] is None:  # ties go to the later, longer-trained checkpoint
+                    best = {"score": score, "step": step, "val": val}
+                    atomic_save({"model": model.state_dict(), "step": step, "val": val, "classes": list(classes),
+                                 "config": cfg}, best_path)
+                    log.info("step %d: best validation %s %.4g, saved %s", step, select, score, best_path)
+                _save_resume_state(resume_path, model, optimizer, scaler, cfg, limit, step, best,
+                                   seconds_before + time.time() - t_train)
+                model.train()
+            if stop_signal:
+                _save_resume_state(resume_path, model, optimizer, scaler, cfg, limit, step, best,
+                                   seconds_before + time.time() - t_train)
+                writer.close()
+                log.warning("stopped after step %d; run the same command again to resume from %s", step,
+                            resume_path)
+                raise SystemExit(128 + stop_signal[0])
+    train_time = seconds_before + time.time() - t_train
+    best_step, best_val = best["step"], best["val"]
 
     state = safe_load(best_path)
     model.load_state_dict(state["model"], strict=True)
