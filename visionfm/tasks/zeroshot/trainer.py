@@ -378,7 +378,9 @@ class CLIPTrainer:
                 return text(captions).float()
         missing = list(dict.fromkeys(c for c in captions if c not in self.text_cache))
         if missing:
-            feats = text.encode(missing)
+            # One caption per batch: padding to a batch's longest caption changes the kernels' rounding, and a
+            # caption's features must not depend on its batch-mates, or a resumed run drifts from an uninterrupted one.
+            feats = text.encode(missing, batch_size=1)
             for caption, f in zip(missing, feats):
                 self.text_cache[caption] = f
         return torch.stack([self.text_cache[c] for c in captions]).to(self.device)
