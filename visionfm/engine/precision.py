@@ -47,19 +47,23 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManag
 
 def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
                       scaler: Optional["torch.amp.GradScaler"] = None, parameters=None,
-                      clip_grad: Optional[float] = None) -> None:
+                      clip_grad: Optional[float] = None) -> Optional[float]:
     """One optimiser step: zero the gradients, backward (through the fp16 grad scaler when there is one),
-    clip the global gradient norm of ``parameters`` (after unscaling), step."""
+    clip the global gradient norm of ``parameters`` (after unscaling), step.
+
+    Returns the gradient norm before clipping when ``clip_grad`` is set (for logging), else ``None``."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
     else:
         loss.backward()
+    grad_norm = None
     if clip_grad:
-        torch.nn.utils.clip_grad_norm_(list(parameters), float(clip_grad))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(parameters), float(clip_grad)))
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
+    return grad_norm

@@ -30,7 +30,7 @@ from ...config import save_config
 from ...data.augment import ViewAugmentation
 from ...data.unlabeled import DataError
 from ...engine.checkpoint import atomic_save, safe_load
-from ...engine.precision import autocast, resolve_precision
+from ...engine.precision import autocast, backward_and_step, resolve_precision
 from ...modalities import get_modality
 from ...models.clip import CLIPModel
 from ...models.text import TextEncoder
@@ -443,21 +443,10 @@ class CLIPTrainer:
         if not torch.isfinite(total):
             raise NonFiniteLossError(f"loss is {float(total)} at step {step}; the last good checkpoint is kept at "
                                      f"{self.output / CHECKPOINT_NAME}. Try a lower --lr or --set train.precision=fp32")
-        self.optimizer.zero_grad(set_to_none=True)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.scaler is not None:
-            self.scaler.scale(total).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            total.backward()
-        clip = self.cfg["optim"].get("clip_grad")
-        if clip:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, float(clip)))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        grad_norm = backward_and_step(total, self.optimizer, self.scaler, params, self.cfg["optim"].get("clip_grad"))
+        if grad_norm is not None:
+            stats["grad_norm"] = grad_norm
         first.clamp_logit_scale_()
         stats.update(loss=total.item(), lr=lr, logit_scale=first.logit_scale_value.item())
         return stats
