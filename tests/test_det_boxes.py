@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from visionfm.tasks.detection.boxes import (BoxError, DetectionRecord, EmptyMaskError, check_boxes, component_boxes,
-                                            flip_boxes, mask_box, merge_close_boxes, point_box, scale_boxes)
+                                            crop_boxes, flip_boxes, mask_box, merge_close_boxes, point_box,
+                                            scale_boxes)
 from visionfm.tasks.detection.points import point_metrics, top_box_centre
 
 
@@ -123,3 +124,17 @@ def test_point_metrics_errors():
         point_metrics([None], [], [1.0], [(1, 1)])
     with pytest.raises(ValueError, match="disc diameter must be positive"):
         point_metrics([(0.0, 0.0)], [(0.0, 0.0)], [0.0], [(1, 1)])
+
+
+def test_crop_boxes_shift_clip_and_visibility_rule():
+    boxes = [[10, 10, 20, 20],   # wholly inside the window (5, 5, 45, 45)
+             [40, 10, 60, 20],   # a quarter inside (x 40-45 of 40-60): dropped at min_visible 0.5
+             [0, 30, 10, 40],    # half inside (x 5-10 of 0-10): kept, clipped
+             [50, 50, 60, 60]]   # outside
+    kept, mask = crop_boxes(boxes, (5, 5, 45, 45), min_visible=0.5)
+    assert mask.tolist() == [True, False, True, False]
+    assert kept.tolist() == [[5, 5, 15, 15], [0, 25, 5, 35]]
+    kept, mask = crop_boxes(boxes, (5, 5, 45, 45), min_visible=0.2)
+    assert mask.tolist() == [True, True, True, False] and kept[1].tolist() == [35, 5, 40, 15]
+    kept, mask = crop_boxes(np.zeros((0, 4)), (0, 0, 8, 8))
+    assert kept.shape == (0, 4) and mask.shape == (0,)

@@ -154,6 +154,32 @@ def test_dataset_scales_and_flips_boxes(tmp_path: Path):
     assert torch.equal(flipped["inputs"], sample["inputs"].flip(-1))
 
 
+def test_dataset_training_crops_contain_a_box_and_keep_the_frame(tmp_path: Path):
+    (rec,) = _records(tmp_path, sizes=((80, 60),))
+    rec = DetectionRecord(rec.name, rec.image, 80, 60, [[20, 10, 50, 40], [70, 50, 74, 54]], [0, 1])
+    whole = DetectionDataset([rec], ("disc", "spot"), max_size=80, train=False, crop_size=32)[0]
+    assert tuple(whole["inputs"].shape) == (3, 60, 80)  # evaluation images stay whole
+    ds = DetectionDataset([rec], ("disc", "spot"), max_size=80, train=True, hflip=0.0, crop_size=32, crop_on_box=1.0)
+    seen = set()
+    for seed in range(40):
+        sample = ds[(0, seed)]
+        meta = sample["data_samples"]
+        assert tuple(sample["inputs"].shape) == (3, 32, 32) and meta.img_shape == (32, 32)
+        boxes, labels = meta.gt_instances.bboxes, meta.gt_instances.labels
+        assert len(boxes) >= 1 and (boxes >= 0).all() and (boxes <= 32).all()  # a box-centred crop holds a box
+        seen.update(labels.tolist())
+        # the crop is the image's pixels at the window the boxes were shifted by
+        full = whole["inputs"]
+        x0, y0 = next((x, y) for y in range(29) for x in range(49) if torch.equal(full[:, y:y + 32, x:x + 32],
+                                                                                  sample["inputs"]))
+        truth = torch.tensor(rec.boxes) - torch.tensor([x0, y0, x0, y0])
+        assert any(torch.allclose(b, t.clamp(0, 32)) for b in boxes for t in truth)
+    assert seen == {0, 1}  # both boxes get drawn as the crop's anchor
+    assert torch.equal(ds[(0, 7)]["inputs"], ds[(0, 7)]["inputs"])  # a function of the seed
+    with pytest.raises(ValueError, match="crop_size must be at least 32"):
+        DetectionDataset([rec], ("disc", "spot"), crop_size=8)
+
+
 # ----------------------------------------------------------------------------------------------- metric
 def _prediction(boxes, scores, labels=None) -> Prediction:
     return Prediction(bboxes=np.array(boxes, np.float32).reshape(-1, 4), scores=np.array(scores, np.float32),
@@ -266,7 +292,7 @@ def test_cli_fovea_and_lesions(tmp_path: Path):
     out = tmp_path / "lesions"
     main(["--target", "lesions", "--data-root", str(root), "--output", str(out), "--max-steps", "1", "--limit", "2",
           "--set", "dataset.val_count=2", "--set", "dataset.lesion_merge_gap=3", "--set", "dataset.lesion_min_size=2",
-          *_tiny_args()])
+          "--set", "data.crop_size=32", *_tiny_args()])
     metrics = json.loads((out / "metrics.json").read_text())
     assert "ap_haemorrhage" in metrics and "within_1_8_dd" not in metrics and metrics["images"]["test"] == 2
     assert metrics["ap_soft_exudate"] is None  # no soft exudate anywhere: COCO's NaN is written as null

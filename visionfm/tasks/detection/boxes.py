@@ -210,3 +210,23 @@ def flip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
     out[:, 0] = width - boxes[:, 2]
     out[:, 2] = width - boxes[:, 0]
     return out
+
+
+def crop_boxes(boxes: np.ndarray, window: Sequence[float], min_visible: float = 0.5) -> Tuple[np.ndarray, np.ndarray]:
+    """Boxes in the coordinates of a crop ``window = (x0, y0, x1, y1)``.
+
+    Each box is shifted to the window's origin and clipped to it; a box keeps at least ``min_visible`` of its
+    area inside the window or is dropped (a sliver of a lesion at the crop's edge is not a lesion to find).
+
+    Returns:
+        The kept boxes ``(M, 4)`` and the boolean mask ``(N,)`` of which input boxes they are.
+    """
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    x0, y0, x1, y1 = (float(v) for v in window)
+    clipped = boxes - np.array([x0, y0, x0, y0], np.float32)
+    clipped[:, 0::2] = clipped[:, 0::2].clip(0, x1 - x0)
+    clipped[:, 1::2] = clipped[:, 1::2].clip(0, y1 - y0)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    keep = (inside > 0) & (inside >= min_visible * area)
+    return clipped[keep], keep

@@ -18,7 +18,7 @@ from mmengine.structures import InstanceData
 from PIL import Image
 
 from ...data.io import read_image
-from .boxes import DetectionRecord, flip_boxes, scale_boxes
+from .boxes import DetectionRecord, crop_boxes, flip_boxes, scale_boxes
 
 __all__ = ["resize_longest", "DetectionDataset", "StepBatchSampler"]
 
@@ -54,11 +54,24 @@ class DetectionDataset(torch.utils.data.Dataset):
         hflip: Probability of a horizontal flip (training only).
         color_jitter: Strength of a random brightness/contrast change (training only; 0 disables it).
         cache: Keep resized images in memory (large fundus images are decoded once).
+        crop_size: Train on square crops of this many pixels of the resized image (``None``: whole images), so
+            that small objects (lesions) can be seen at a high ``max_size`` for the cost of a small input; the
+            test and validation images stay whole (the encoder takes any size).
+        crop_on_box: Probability that a training crop is placed to hold a random box (its centre, if the box is
+            larger than the crop; else the crop is placed uniformly): with a few small objects per image, uniform
+            crops are mostly background.
+        min_visible: Fraction of a box's area that must lie inside a crop for the box to be kept.
     """
 
     def __init__(self, records: Sequence[DetectionRecord], classes: Sequence[str], channels: int = 3,
                  max_size: int = 512, train: bool = False, hflip: float = 0.5, color_jitter: float = 0.0,
-                 cache: bool = True, seed: int = 0):
+                 cache: bool = True, seed: int = 0, crop_size: Optional[int] = None, crop_on_box: float = 0.5,
+                 min_visible: float = 0.5):
+        if crop_size is not None and int(crop_size) < 32:
+            raise ValueError(f"crop_size must be at least 32 pixels, got {crop_size}")
+        self.crop_size = None if crop_size is None else int(crop_size)
+        self.crop_on_box = float(crop_on_box)
+        self.min_visible = float(min_visible)
         self.records = list(records)
         self.classes = tuple(classes)
         self.channels = channels
@@ -106,6 +119,15 @@ class DetectionDataset(torch.utils.data.Dataset):
         if flipped:
             image = image[:, ::-1]
             boxes = flip_boxes(boxes, w)
+        keep = ~rec.ignore
+        labels = rec.labels
+        if self.train and self.crop_size is not None:
+            x0, y0 = self._crop_origin(boxes[keep], w, h, rng)
+            window = (x0, y0, min(w, x0 + self.crop_size), min(h, y0 + self.crop_size))
+            image = image[window[1]:window[3], window[0]:window[2]]
+            boxes, inside = crop_boxes(boxes, window, self.min_visible)
+            keep, labels = keep[inside], labels[inside]
+            h, w = image.shape[:2]
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if self.train and self.color_jitter > 0:
             contrast = 1.0 + rng.uniform(-self.color_jitter, self.color_jitter)
@@ -118,16 +140,39 @@ class DetectionDataset(torch.utils.data.Dataset):
             # original-resolution boxes for mmdet's CocoMetric (which builds its COCO ground truth from them)
             instances=[dict(bbox=b.tolist(), bbox_label=int(lab), ignore_flag=int(ign))
                        for b, lab, ign in zip(rec.boxes, rec.labels, rec.ignore)]))
-        keep = ~rec.ignore
         gt = InstanceData()
         gt.bboxes = torch.from_numpy(boxes[keep]).float().reshape(-1, 4)
-        gt.labels = torch.from_numpy(rec.labels[keep]).long()
+        gt.labels = torch.from_numpy(labels[keep]).long()
         sample.gt_instances = gt
         ignored = InstanceData()
         ignored.bboxes = torch.from_numpy(boxes[~keep]).float().reshape(-1, 4)
-        ignored.labels = torch.from_numpy(rec.labels[~keep]).long()
+        ignored.labels = torch.from_numpy(labels[~keep]).long()
         sample.ignored_instances = ignored
         return dict(inputs=tensor, data_samples=sample)
+
+    def _crop_origin(self, boxes: np.ndarray, width: int, height: int, rng: np.random.Generator) -> Tuple[int, int]:
+        """Top-left corner of a training crop: holding a random box (probability ``crop_on_box``, when there are
+        boxes) or uniform over the image."""
+        size = self.crop_size
+        assert size is not None
+        x_max, y_max = max(0, width - size), max(0, height - size)
+        if len(boxes) and rng.random() < self.crop_on_box:
+            box = boxes[rng.integers(len(boxes))]
+            return tuple(self._origin_around(float(box[k]), float(box[k + 2]), size, limit, rng)  # type: ignore
+                         for k, limit in ((0, x_max), (1, y_max)))
+        return int(rng.integers(0, x_max + 1)), int(rng.integers(0, y_max + 1))
+
+    @staticmethod
+    def _origin_around(lo: float, hi: float, size: int, limit: int, rng: np.random.Generator) -> int:
+        """A window start along one axis, uniform among those (in ``[0, limit]``) whose window of ``size`` holds the
+        interval ``[lo, hi]``, or its centre when the interval is longer than the window."""
+        if hi - lo <= size:
+            first, last = int(np.ceil(hi)) - size, int(np.floor(lo))
+        else:
+            centre = (lo + hi) / 2
+            first, last = int(np.ceil(centre)) - size + 1, int(np.floor(centre))
+        first, last = min(limit, max(0, first)), min(limit, max(0, last))
+        return int(rng.integers(first, max(first, last) + 1))
 
     def class_counts(self) -> List[int]:
         """Boxes per class over the dataset (for the log)."""

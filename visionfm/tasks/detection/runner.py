@@ -296,13 +296,17 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
         raise ConfigError("eval.select=within_1_8_dd needs a point target (IDRiD od or fovea)")
     channels = get_modality(cfg["model"]["modality"]).channels
     max_size = int(dc["max_size"])
+    crop_size = None if dc.get("crop_size") is None else int(dc["crop_size"])
     datasets = {s: DetectionDataset(recs, classes, channels, max_size, train=(s == "train"), hflip=float(dc["hflip"]),
-                                    color_jitter=float(dc["color_jitter"]), cache=bool(dc["cache"]), seed=seed)
+                                    color_jitter=float(dc["color_jitter"]), cache=bool(dc["cache"]), seed=seed,
+                                    crop_size=crop_size, crop_on_box=float(dc.get("crop_on_box", 0.5)),
+                                    min_visible=float(dc.get("crop_min_visible", 0.5)))
                 for s, recs in splits.items()}
     for s, ds in datasets.items():
         log.info("%s: %d images, boxes per class %s", s, len(ds), dict(zip(classes, ds.class_counts())))
 
-    model, info, mm = build_detector(cfg, classes, img_size=max_size // 16 * 16)
+    # the position embedding is resized once to the training input (other sizes are interpolated on the fly)
+    model, info, mm = build_detector(cfg, classes, img_size=min(max_size, crop_size or max_size) // 16 * 16)
     if amp_dtype is not None and getattr(model, "with_rpn", False):
         # mmcv's nms (run on the RPN proposals during training) accepts only fp32 boxes and scores.
         if str(tc["precision"]).lower() != "auto":
