@@ -89,6 +89,37 @@ def test_simple_pyramid_strides_and_inputs():
         SimpleFeaturePyramid(192, scale_factors=(0.5, 1.0))
 
 
+def test_simple_pyramid_image_stem_feeds_the_fine_levels():
+    torch.manual_seed(0)
+    neck = SimpleFeaturePyramid(192, out_channels=16, scale_factors=(4.0, 2.0, 1.0, 0.5), stem_channels=8)
+    image, tokens = torch.randn(1, 3, 64, 96), torch.randn(1, 192, 4, 6)
+    outs = neck([image, tokens])
+    assert [tuple(o.shape[-2:]) for o in outs] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    # a change inside one 16-px patch reaches the stride-4 and stride-8 levels only through the image path
+    moved = image.clone()
+    moved[..., 20:24, 36:40] += 3.0
+    changed = neck([moved, tokens])
+    assert not torch.equal(changed[0], outs[0]) and not torch.equal(changed[1], outs[1])
+    assert torch.equal(changed[2], outs[2]) and torch.equal(changed[3], outs[3])
+    assert len(neck.stem) == 3 and neck.stem_levels == [True, True, False, False]
+    with pytest.raises(ValueError, match="needs the image first"):
+        neck([tokens])
+    with pytest.raises(ValueError, match="multiple of 8 pixels|no image-path map"):
+        neck([torch.randn(1, 3, 72, 96), tokens])
+
+
+def test_detector_with_image_stem_trains(tmp_path: Path):
+    cfg = tiny_config()
+    cfg["model"]["mmdet"]["model.neck.stem_channels"] = 8
+    detector, _, _ = build_detector(cfg, ("disc",), img_size=64)
+    assert detector.backbone.with_input and detector.neck.stem_channels == 8
+    dataset = DetectionDataset(_records(tmp_path), ("disc",), max_size=64, train=True)
+    data = detector.data_preprocessor(pseudo_collate([dataset[0], dataset[1]]), training=True)
+    loss, _ = detector.parse_losses(detector(**data, mode="loss"))
+    loss.backward()
+    assert torch.isfinite(loss) and detector.neck.stem[0][0].weight.grad.abs().sum() > 0
+
+
 def test_detector_keeps_pretrained_encoder_weights(tmp_path: Path):
     encoder = create_encoder("vit_tiny", 16, 64)
     weights = tmp_path / "cfp_vit_tiny.safetensors"

@@ -82,11 +82,17 @@ class SimpleFeaturePyramid(BaseModule):
         num_outs: Total levels; levels beyond ``len(scale_factors)`` are stride-2 subsamplings of the last one.
         use_all_inputs: With several backbone maps (e.g. blocks 3, 5, 7, 11): ``False`` builds every level from
             the last map (ViTDet); ``True`` feeds map ``i`` to level ``i`` (there must be one per level).
+        stem_channels: Channels of a convolutional image path (0: none). Levels finer than the patch grid
+            (scale factor 2 or 4) are upsampled from patch tokens and cannot say where inside a 16-px patch a
+            small object lies; with a stem, stride-2 convolutions of the image (as ViT-Adapter's spatial prior
+            module) are concatenated to those levels before their projection. The backbone must then pass the
+            image first (``VisionFMViT(with_input=True)``; ``downstream/det.py`` sets it).
+        patch_size: The encoder's patch size (the stride of its maps), to place the stem's maps.
     """
 
     def __init__(self, in_channels: "int | Sequence[int]", out_channels: int = 256,
                  scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5), num_outs: Optional[int] = None,
-                 use_all_inputs: bool = False, init_cfg=None):
+                 use_all_inputs: bool = False, stem_channels: int = 0, patch_size: int = 16, init_cfg=None):
         super().__init__(init_cfg)
         if not isinstance(in_channels, int):
             channels = sorted(set(int(c) for c in in_channels))
@@ -100,9 +106,27 @@ class SimpleFeaturePyramid(BaseModule):
         if self.num_outs < len(self.scale_factors):
             raise ValueError(f"num_outs {self.num_outs} is fewer than the {len(self.scale_factors)} scale factors")
         self.use_all_inputs = use_all_inputs
+        self.stem_channels = int(stem_channels)
+        # stride of each level's map in image pixels, and which levels take the stem's map of that stride
+        self.level_strides = [round(patch_size / scale) for scale in self.scale_factors]
+        self.stem_levels = [self.stem_channels > 0 and scale > 1.0 for scale in self.scale_factors]
+        self.stem = nn.ModuleList()
+        if self.stem_channels > 0:
+            finest = min(self.level_strides)
+            if finest < 2 or finest & (finest - 1):
+                raise ValueError(f"a stem needs levels at power-of-two strides, got {self.level_strides}")
+            widths = [self.stem_channels] * (max(s for s, f in zip(self.level_strides, self.stem_levels) if f)
+                                             .bit_length() - 1)
+            widths[0] = max(1, self.stem_channels // 2)
+            previous = 3
+            for width in widths:  # stride 2, 4, 8...
+                self.stem.append(nn.Sequential(nn.Conv2d(previous, width, 3, stride=2, padding=1, bias=False),
+                                               LayerNorm2d(width), nn.GELU()))
+                previous = width
         self.levels = nn.ModuleList()
-        for scale in self.scale_factors:
+        for scale, fused in zip(self.scale_factors, self.stem_levels):
             resample, channels = _resample(in_channels, scale)
+            channels += self.stem_channels if fused else 0
             self.levels.append(nn.Sequential(
                 resample,
                 nn.Conv2d(channels, out_channels, 1, bias=False), LayerNorm2d(out_channels),
@@ -110,6 +134,15 @@ class SimpleFeaturePyramid(BaseModule):
 
     def forward(self, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
         inputs = list(inputs)
+        stem_maps = {}
+        if self.stem_channels > 0:
+            if len(inputs) < 2 or inputs[0].shape[1] != 3:
+                raise ValueError("SimpleFeaturePyramid(stem_channels>0) needs the image first in its inputs: build the "
+                                 "backbone with with_input=True")
+            x = inputs.pop(0)
+            for stage in self.stem:
+                x = stage(x)
+                stem_maps[tuple(x.shape[-2:])] = x  # keyed by size: the level of the same size takes it
         if self.use_all_inputs:
             if len(inputs) != len(self.levels):
                 raise ValueError(f"SimpleFeaturePyramid(use_all_inputs=True) has {len(self.levels)} levels but got "
@@ -117,7 +150,16 @@ class SimpleFeaturePyramid(BaseModule):
             sources = inputs
         else:
             sources = [inputs[-1]] * len(self.levels)
-        outs: List[Tensor] = [level(x) for level, x in zip(self.levels, sources)]
+        outs: List[Tensor] = []
+        for level, fused, x in zip(self.levels, self.stem_levels, sources):
+            x = level[0](x)
+            if fused:
+                size = tuple(x.shape[-2:])
+                if size not in stem_maps:
+                    raise ValueError(f"no image-path map of size {size} (have {sorted(stem_maps)}): the input must "
+                                     f"be padded to a multiple of {max(self.level_strides)} pixels")
+                x = torch.cat([x, stem_maps[size]], dim=1)
+            outs.append(level[1:](x))
         while len(outs) < self.num_outs:
             outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
         return tuple(outs)

@@ -182,7 +182,9 @@ def build_detector(cfg: Dict[str, Any], classes: Sequence[str], img_size: int):
                           random_init=bool(mc.get("random_init")), out_indices=tuple(out_indices),
                           drop_path_rate=float(mc["drop_path_rate"]), frozen=bool(mc["frozen"]))
     if model.get("neck") and model.neck.get("type") == "SimpleFeaturePyramid":
-        model.neck.in_channels = info.embed_dim
+        model.neck.update(in_channels=info.embed_dim, patch_size=info.patch_size)
+        # the neck's image path (stem_channels) takes the input image from the backbone, in front of its maps
+        model.backbone.with_input = int(model.neck.get("stem_channels", 0)) > 0
     heads = [h for h in (model.get("bbox_head"), (model.get("roi_head") or {}).get("bbox_head")) if h is not None]
     if not heads:
         raise ConfigError("the mmdet config has neither model.bbox_head nor model.roi_head.bbox_head")
