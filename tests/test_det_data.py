@@ -3,6 +3,7 @@ error paths (missing files, empty masks, boxes outside the image), on real data 
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from PIL import Image
 from visionfm.data.datasets.coco import CocoFormatError, load_coco
 from visionfm.data.datasets.generic_seg import DatasetNotFoundError
 from visionfm.data.datasets.idrid_det import load_idrid_detection, read_markups
-from visionfm.tasks.detection.boxes import BoxError, EmptyMaskError
+from visionfm.tasks.detection.boxes import BoxError, EmptyMaskError, component_boxes
 
 SEG = "IDRiD/A. Segmentation"
 TRUTH = {"MA": "1. Microaneurysms", "HE": "2. Haemorrhages", "EX": "3. Hard Exudates", "SE": "4. Soft Exudates",
@@ -97,6 +98,25 @@ def test_real_od_boxes_match_mask_extent(shared_data: Path):
         assert rec.point == pytest.approx(((xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2))
         assert 350 < rec.disc_diameter < 700  # optic discs in 4288-px IDRiD images are ~400-650 px across
 
+
+def test_default_lesion_rule_keeps_exudate_fields_apart(shared_data: Path):
+    """IDRiD_03 has a field of hard exudates around the macula. Merging components within 20 px chained it into a
+    box about 1500 px across (which 512-px training crops then dropped, leaving those exudates as background); the
+    default rule keeps the mask's own components, each a box of at most a few hundred pixels."""
+    path = shared_data / SEG / "2. All Segmentation Groundtruths/a. Training Set" / TRUTH["EX"] / "IDRiD_03_EX.tif"
+    mask = np.asarray(Image.open(path).convert("L")) > 0
+    defaults = inspect.signature(load_idrid_detection).parameters
+
+    def sides(merge_gap: float, min_size: float) -> np.ndarray:
+        boxes = component_boxes(mask, merge_gap, min_size).boxes
+        return (boxes[:, 2:] - boxes[:, :2]).max(axis=1)
+
+    default_sides = sides(defaults["merge_gap"].default, defaults["min_size"].default)
+    chained_sides = sides(20, 24)
+    assert chained_sides.max() > 1200
+    assert default_sides.max() < 600
+    assert len(default_sides) > 5 * len(chained_sides)
+    assert default_sides.min() >= 12  # the default min_size
 
 def test_real_lesion_boxes_cover_and_are_tight(shared_data: Path):
     gap = 20

@@ -227,7 +227,7 @@ def _loc_records(data_root: Path, target: str, split: str, val_count: int, test_
 # ------------------------------------------------------------------------------------------------ public
 def load_idrid_detection(data_root: "str | Path", target: str, split: str, *, source: str = "auto",
                          val_count: int = 10, loc_test_count: int = 20, loc_val_count: int = 8,
-                         limit: Optional[int] = None, merge_gap: float = 20.0, min_size: float = 24.0,
+                         limit: Optional[int] = None, merge_gap: float = 0.0, min_size: float = 12.0,
                          box_size: float = NOMINAL_DISC_DIAMETER,
                          disc_diameter: float = NOMINAL_DISC_DIAMETER) -> Tuple[List[DetectionRecord], Tuple[str, ...]]:
     """Records and class names of one IDRiD detection split (see the module docstring for the protocols).
