@@ -3,7 +3,6 @@ error paths (missing files, empty masks, boxes outside the image), on real data 
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from visionfm.config import CONFIG_DIR, load_yaml
 from visionfm.data.datasets.coco import CocoFormatError, load_coco
 from visionfm.data.datasets.generic_seg import DatasetNotFoundError
 from visionfm.data.datasets.idrid_det import load_idrid_detection, read_markups
@@ -105,18 +105,19 @@ def test_default_lesion_rule_keeps_exudate_fields_apart(shared_data: Path):
     default rule keeps the mask's own components, each a box of at most a few hundred pixels."""
     path = shared_data / SEG / "2. All Segmentation Groundtruths/a. Training Set" / TRUTH["EX"] / "IDRiD_03_EX.tif"
     mask = np.asarray(Image.open(path).convert("L")) > 0
-    defaults = inspect.signature(load_idrid_detection).parameters
+    defaults = load_yaml(CONFIG_DIR / "det" / "default.yaml")["dataset"]  # what downstream/det.py uses
 
     def sides(merge_gap: float, min_size: float) -> np.ndarray:
         boxes = component_boxes(mask, merge_gap, min_size).boxes
         return (boxes[:, 2:] - boxes[:, :2]).max(axis=1)
 
-    default_sides = sides(defaults["merge_gap"].default, defaults["min_size"].default)
+    default_sides = sides(defaults["lesion_merge_gap"], defaults["lesion_min_size"])
     chained_sides = sides(20, 24)
     assert chained_sides.max() > 1200
     assert default_sides.max() < 600
     assert len(default_sides) > 5 * len(chained_sides)
-    assert default_sides.min() >= 12  # the default min_size
+    assert default_sides.min() >= defaults["lesion_min_size"]
+
 
 def test_real_lesion_boxes_cover_and_are_tight(shared_data: Path):
     gap = 20
