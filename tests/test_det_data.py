@@ -259,3 +259,17 @@ def test_coco_errors(tmp_path: Path):
         load_coco(ann, img_dir, classes=("other",))
     with pytest.raises(FileNotFoundError, match="annotation file not found"):
         load_coco(tmp_path / "nope.json", img_dir)
+
+
+@pytest.mark.parametrize("recipe", ["od_target", "fovea_target", "lesions_target"])
+def test_target_recipes_build_their_detectors(recipe: str):
+    """Each shipped recipe merges over the defaults and builds its mmdet detector (overrides name real fields)."""
+    from visionfm.config import build_config
+    from visionfm.tasks.detection.runner import build_detector
+
+    cfg = build_config(CONFIG_DIR / "det" / "default.yaml", CONFIG_DIR / "det" / f"{recipe}.yaml",
+                       overrides=["model.random_init=true"])
+    model, _, mm = build_detector(cfg, ("a", "b", "c"), img_size=64)
+    assert type(model).__name__ == {"od_target": "RetinaNet", "fovea_target": "RetinaNet",
+                                    "lesions_target": "FCOS"}[recipe]
+    assert mm.model.bbox_head.num_classes == 3
