@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 from visionfm.config import build_config  # noqa: E402
 from visionfm.data.augment import MultiCropAugmentation  # noqa: E402
 from visionfm.engine.dino_trainer import DINOTrainer, fastest_cpu_threads  # noqa: E402
+from visionfm.engine.precision import resolve_precision  # noqa: E402
 from visionfm.models.vit import ARCHS  # noqa: E402
 
 STEPS_PER_EPOCH = 100
@@ -583,7 +584,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and args.threads != "default":
-        torch.set_num_threads(fastest_cpu_threads() if args.threads == "auto" else int(args.threads))
+        ours_dtype, _ = resolve_precision(args.precision, device)  # probe in the dtype our training step runs in
+        torch.set_num_threads(fastest_cpu_threads(dtype=ours_dtype) if args.threads == "auto" else int(args.threads))
     if args.data_wait:
         waits = [data_wait(args, arch, batch, device) for arch in args.arch for batch in args.batch_size]
         for w in waits:

@@ -178,6 +178,28 @@ def test_fastest_cpu_threads_restores_setting():
     assert torch.get_num_threads() == before
 
 
+def test_fastest_cpu_threads_times_the_training_dtype():
+    # A bf16 probe on a CPU without native bf16 hits a slow path that does not scale with threads and picked
+    # 1 thread for fp32 training that ran 2x faster on 2 cores: the probe must compute in the dtype it is given.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class RecordMatmulDtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.mm.default:
+                seen.add(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with RecordMatmulDtypes():
+        fastest_cpu_threads(max_threads=2, trials=1, dtype=None)
+    assert seen == {torch.float32}
+    seen.clear()
+    with RecordMatmulDtypes():
+        fastest_cpu_threads(max_threads=2, trials=0, dtype=torch.float64)
+    assert seen == {torch.float64}
+
+
 def test_make_adamw_is_fused_on_cpu():
     p = torch.nn.Parameter(torch.randn(4))
     assert make_adamw([{"params": [p]}]).defaults["fused"]

@@ -57,13 +57,20 @@ def make_adamw(groups: List[Dict[str, Any]]) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, lr=0.0, foreach=True)
 
 
-def fastest_cpu_threads(max_threads: Optional[int] = None, trials: int = 3) -> int:
+def fastest_cpu_threads(max_threads: Optional[int] = None, trials: int = 3,
+                        dtype: Optional[torch.dtype] = None) -> int:
     """The faster of 1 and ``max_threads`` (default: torch's current setting) intra-op threads for a short
-    ViT-like CPU workload (bf16 matmuls, GELU, reductions), timed alternately.
+    ViT-like CPU workload (matmuls, GELU, reductions in ``dtype``), timed alternately.
 
     On a machine whose cores are shared with other busy jobs, OpenMP threads stall at the end of every parallel
     op until their descheduled siblings catch up; there one thread ran a whole DINO step up to 3x faster than
     two, while on idle cores two threads are faster. Leaves torch's setting as it found it.
+
+    Args:
+        dtype: The dtype training computes in (the autocast dtype; ``None`` means fp32). It must be the one
+            timed: on a CPU without native bf16 (AVX2 only) a bf16 matmul takes a slow path ~30x longer than
+            fp32 that does not scale with threads, so a bf16 probe picked 1 thread for fp32 training that ran
+            2x faster on 2 idle cores.
     """
     import torch.nn.functional as F
 
@@ -71,8 +78,8 @@ def fastest_cpu_threads(max_threads: Optional[int] = None, trials: int = 3) -> i
     if max_threads <= 1:
         return 1
     before = torch.get_num_threads()
-    a = torch.randn(1024, 192).to(torch.bfloat16)
-    b = torch.randn(192, 768).to(torch.bfloat16)
+    a = torch.randn(1024, 192).to(dtype or torch.float32)
+    b = torch.randn(192, 768).to(dtype or torch.float32)
 
     def workload() -> None:
         for _ in range(12):
@@ -123,7 +130,8 @@ class DINOTrainer:
         if threads and self.device.type == "cpu":
             # On a CPU shared with other busy jobs, fewer threads than cores avoid OpenMP threads stalling at every
             # op's barrier while a sibling is descheduled (see fastest_cpu_threads).
-            torch.set_num_threads(fastest_cpu_threads() if str(threads).lower() == "auto" else int(threads))
+            torch.set_num_threads(fastest_cpu_threads(dtype=self.amp_dtype) if str(threads).lower() == "auto"
+                                  else int(threads))
             log.info("CPU threads: %d (train.threads=%s)", torch.get_num_threads(), threads)
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self._stop_signal: Optional[int] = None

@@ -303,14 +303,14 @@ def _batch(images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
     return dict(inputs=list(images), data_samples=samples)
 
 
-def set_threads(setting: Any, device: torch.device) -> None:
-    """``train.threads``: ``auto`` picks 1 or all cores by a short timing (see
+def set_threads(setting: Any, device: torch.device, amp_dtype: Optional[torch.dtype]) -> None:
+    """``train.threads``: ``auto`` picks 1 or all cores by a short timing in the run's compute dtype (see
     :func:`visionfm.engine.dino_trainer.fastest_cpu_threads`), an integer sets it, null leaves torch's default."""
     if not setting or device.type != "cpu":
         return
     from ...engine.dino_trainer import fastest_cpu_threads
 
-    n = fastest_cpu_threads() if str(setting).lower() == "auto" else int(setting)
+    n = fastest_cpu_threads(dtype=amp_dtype) if str(setting).lower() == "auto" else int(setting)
     torch.set_num_threads(n)
     log.info("CPU threads: %d", n)
 
@@ -331,7 +331,8 @@ def train(cfg: Dict[str, Any], output: "str | Path", data_root: "str | Path", de
     output.mkdir(parents=True, exist_ok=True)
     t_cfg, o_cfg = cfg["train"], cfg["optim"]
     _seed(int(t_cfg["seed"]))
-    set_threads(t_cfg.get("threads"), device)
+    amp_dtype, needs_scaler = resolve_precision(t_cfg.get("precision", "auto"), device)
+    set_threads(t_cfg.get("threads"), device, amp_dtype)
     splits, train_samples, val_samples = prepare_splits(cfg, data_root)
     if not splits.test:
         raise ValueError(f"dataset {splits.dataset}: the test split is empty")
@@ -347,7 +348,6 @@ def train(cfg: Dict[str, Any], output: "str | Path", data_root: "str | Path", de
     log.info("encoder: %s %s from %s (%s), blocks %s; head %s", info.modality, info.arch,
              info.source or "random initialisation", "frozen" if cfg["model"]["freeze_encoder"] else "fine-tuned",
              list(model.backbone.out_indices), mm_cfg["decode_head"]["type"])
-    amp_dtype, needs_scaler = resolve_precision(t_cfg.get("precision", "auto"), device)
     scaler = torch.amp.GradScaler(device.type) if needs_scaler else None  # fp16 on GPUs without bf16
 
     t0 = time.time()
@@ -469,11 +469,11 @@ def evaluate_checkpoint(cfg: Dict[str, Any], checkpoint: "str | Path", output: "
     """``--eval-only``: evaluate a checkpoint on the dataset's test split (metrics, CSV, overlays)."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    set_threads(cfg["train"].get("threads"), device)
+    amp_dtype, _ = resolve_precision(cfg["train"].get("precision", "auto"), device)
+    set_threads(cfg["train"].get("threads"), device, amp_dtype)
     model, ckpt = load_checkpoint(checkpoint, cfg, device)
     splits, _, _ = prepare_splits(cfg, data_root)
     save_config(cfg, output / "config.yaml")
-    amp_dtype, _ = resolve_precision(cfg["train"].get("precision", "auto"), device)
     t0 = time.time()
     metrics = evaluate(model, splits.test, cfg, splits.fov_from_image, device, amp_dtype, overlays=output / "overlays")
     extra = {"dataset": splits.dataset, "target": splits.target, "split": "test", "region": _region(splits),
@@ -495,10 +495,10 @@ def predict_folder(checkpoint: "str | Path", images: "str | Path", output: "str 
         raise FileNotFoundError(f"{folder}: holds no image files (png, jpg, tif, gif, bmp, ppm)")
     if limit:
         files = files[: int(limit)]
-    set_threads(cfg["train"].get("threads"), device)
+    amp_dtype, _ = resolve_precision(cfg["train"].get("precision", "auto"), device)
+    set_threads(cfg["train"].get("threads"), device, amp_dtype)
     model, _ = load_checkpoint(checkpoint, cfg, device)
     model.eval()
-    amp_dtype, _ = resolve_precision(cfg["train"].get("precision", "auto"), device)
     channels = get_modality(cfg["modality"]).channels
     threshold = float(cfg["test"].get("threshold", 0.5))
     output = Path(output)
