@@ -126,6 +126,32 @@ def test_predict_writes_masks(trained, dataset, tmp_path):
         assert (tmp_path / f"{name}_prob.png").is_file()
 
 
+def test_threshold_chosen_on_validation_is_used_and_stored(dataset, encoder_file, tmp_path):
+    out = tmp_path / "run"
+    rc = main(["--dataset", str(dataset), "--weights", str(encoder_file), "--output", str(out), "--max-steps", "2",
+               "--set", "test.threshold=val", "--finetune", *TINY])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    ckpt = torch.load(out / "best.pth", weights_only=True)
+    assert metrics["threshold_source"].startswith("validation") and 0.05 <= metrics["threshold"] <= 0.95
+    assert ckpt["threshold"] == metrics["threshold"]
+    assert metrics["pooled_at_0.5"]["threshold"] == 0.5
+    # --eval-only with 'val' reuses the stored threshold (no new choice) and reproduces the counts
+    rc = main(["--dataset", str(dataset), "--eval-only", "--checkpoint", str(out / "best.pth"), "--output",
+               str(tmp_path / "again"), "--set", "test.threshold=val", "--precision", "fp32"])
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert rc == 0 and again["threshold"] == metrics["threshold"] and "best.pth" in again["threshold_source"]
+    assert again["pooled"]["tp"] == metrics["pooled"]["tp"] and again["pooled"]["fp"] == metrics["pooled"]["fp"]
+
+
+@pytest.mark.parametrize("value", ["1.5", "median"])
+def test_bad_threshold_is_an_early_error(dataset, encoder_file, tmp_path, capsys, value):
+    rc = main(["--dataset", str(dataset), "--weights", str(encoder_file), "--output", str(tmp_path / "o"),
+               "--max-steps", "1", "--set", f"test.threshold={value}", *TINY])
+    assert rc == 1 and "test.threshold" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "best.pth").exists()
+
+
 def _weights(path):
     return {k: v for k, v in torch.load(path, weights_only=True)["model"].items()}
 

@@ -85,3 +85,26 @@ def test_histogram_auc_counts_ties_half():
     neg = np.array([1, 1, 0])  # negatives in bins 0 and 1
     # pairs: pos@1 vs neg@0 win, vs neg@1 tie; pos@2 wins both -> (1 + 0.5 + 2) / 4
     assert auc_from_histograms(pos, neg)["auc"] == pytest.approx(3.5 / 4)
+
+
+def test_best_dice_threshold_matches_a_brute_force_sweep():
+    rng = np.random.default_rng(3)
+    acc = BinarySegMetrics()
+    probs, truths = [], []
+    for i in range(2):
+        truth = rng.random((40, 50)) < 0.2
+        prob = np.clip(0.35 * truth + 0.55 * rng.random((40, 50)), 0, 1)  # Dice peaks well away from 0.5
+        acc.update(f"im{i}", prob, truth)
+        probs.append(prob.ravel())
+        truths.append(truth.ravel())
+    p, t = np.concatenate(probs), np.concatenate(truths)
+    sweep = {c: binary_metrics(p, t, threshold=c)["dice"] for c in np.round(np.arange(0.05, 0.951, 0.01), 2)}
+    best = max(sweep, key=sweep.get)
+    threshold, dice = acc.best_dice_threshold()
+    assert threshold == pytest.approx(best) and dice == pytest.approx(sweep[best])
+    assert threshold != 0.5 and dice > sweep[0.5]
+    # and the pooled counts at any other threshold, from the same histograms
+    at = acc.pooled_at(0.3)
+    direct = binary_metrics(p, t, threshold=0.3)
+    assert (at["tp"], at["fp"], at["fn"], at["tn"]) == (direct["tp"], direct["fp"], direct["fn"], direct["tn"])
+    assert at["dice"] == pytest.approx(direct["dice"])

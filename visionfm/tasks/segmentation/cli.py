@@ -64,7 +64,9 @@ def build_predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", required=True, metavar="DIR", help="folder of images")
     parser.add_argument("--output", default="runs/seg_predict", metavar="DIR", help="folder for the masks")
     parser.add_argument("--probabilities", action="store_true", help="also write <stem>_prob.png probability maps")
-    parser.add_argument("--threshold", type=float, default=None, help="foreground probability threshold")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="foreground probability threshold (default: the one chosen on validation and stored in "
+                             "the checkpoint by test.threshold=val, else 0.5)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="at most N images")
     return parser
@@ -93,7 +95,7 @@ def _errors():
 def _predict(argv: List[str]) -> int:
     args = build_predict_parser().parse_args(argv)
     _setup_logging()
-    cfg = build_config(DEFAULT_CONFIG, None, {"test.threshold": args.threshold})
+    cfg = build_config(DEFAULT_CONFIG, None, {"test.threshold": "val" if args.threshold is None else args.threshold})
     from .runner import predict_folder
 
     try:

@@ -21,11 +21,12 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["METRIC_NAMES", "counts_metrics", "binary_metrics", "auc_from_histograms", "BinarySegMetrics"]
+__all__ = ["METRIC_NAMES", "counts_metrics", "binary_metrics", "auc_from_histograms", "best_dice_threshold",
+           "BinarySegMetrics"]
 
 #: Probability levels of the AUC histograms.
 DEFAULT_BINS = 1 << 20
@@ -111,6 +112,31 @@ def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> Dict[str, float]:
     return out
 
 
+def best_dice_threshold(pos: np.ndarray, neg: np.ndarray, candidates: Optional[np.ndarray] = None) -> Tuple[float, float]:
+    """The candidate threshold with the highest pooled Dice, from probability histograms over ``len(pos)`` equal
+    bins of [0, 1] (as :class:`BinarySegMetrics` keeps them). A threshold ``t`` counts bins from ``floor(t * bins)``
+    up as foreground, which is ``probability > t`` up to one bin width. Ties go to the candidate nearest 0.5.
+
+    Returns:
+        ``(threshold, dice)``.
+    """
+    pos = np.asarray(pos, dtype=np.float64)
+    neg = np.asarray(neg, dtype=np.float64)
+    bins = pos.size
+    if candidates is None:
+        candidates = np.round(np.arange(0.05, 0.951, 0.01), 2)
+    candidates = np.asarray(candidates, dtype=np.float64)
+    start = np.clip(np.floor(candidates * bins).astype(np.int64), 0, bins - 1)
+    tp = np.cumsum(pos[::-1])[::-1][start]  # positives in bin `start` and above
+    fp = np.cumsum(neg[::-1])[::-1][start]
+    fn = pos.sum() - tp
+    den = 2 * tp + fp + fn
+    dice = np.where(den > 0, 2 * tp / np.maximum(den, 1), 1.0)
+    best = np.flatnonzero(dice == dice.max())
+    pick = best[np.argmin(np.abs(candidates[best] - 0.5))]
+    return float(candidates[pick]), float(dice[pick])
+
+
 class BinarySegMetrics:
     """Accumulates per-image metrics and pooled counts/histograms over a split.
 
@@ -145,6 +171,18 @@ class BinarySegMetrics:
         out.update(auc_from_histograms(self._pos, self._neg))
         out.update(tp=tp, fp=fp, fn=fn, tn=tn)
         return out
+
+    def pooled_at(self, threshold: float) -> Dict[str, float]:
+        """Pooled threshold metrics at another ``threshold``, from the histograms (exact up to one bin width)."""
+        start = min(max(int(math.floor(float(threshold) * self.bins)), 0), self.bins - 1)
+        tp, fp = int(self._pos[start:].sum()), int(self._neg[start:].sum())
+        fn, tn = int(self._pos.sum()) - tp, int(self._neg.sum()) - fp
+        return {"threshold": float(threshold), **counts_metrics(tp, fp, fn, tn), "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+    def best_dice_threshold(self, candidates: Optional[np.ndarray] = None) -> Tuple[float, float]:
+        """``(threshold, pooled Dice)`` of the candidate threshold that maximises the pooled Dice of the images
+        seen so far (see :func:`best_dice_threshold`)."""
+        return best_dice_threshold(self._pos, self._neg, candidates)
 
     def mean(self) -> Dict[str, float]:
         """Mean of per-image values (NaNs, e.g. AUC of an image without foreground, are left out)."""
