@@ -112,24 +112,29 @@ def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> Dict[str, float]:
     return out
 
 
+def _counts_at(pos: np.ndarray, neg: np.ndarray, thresholds: np.ndarray) -> Tuple[np.ndarray, ...]:
+    """``(tp, fp, fn, tn)`` arrays at each threshold from probability histograms over equal bins of [0, 1]: a
+    threshold ``t`` counts bins from ``floor(t * bins)`` up as foreground, which is ``probability > t`` up to one
+    bin width."""
+    pos = np.asarray(pos, dtype=np.int64)
+    neg = np.asarray(neg, dtype=np.int64)
+    start = np.clip(np.floor(np.asarray(thresholds, np.float64) * pos.size).astype(np.int64), 0, pos.size - 1)
+    tp = np.cumsum(pos[::-1])[::-1][start]  # positives in bin `start` and above
+    fp = np.cumsum(neg[::-1])[::-1][start]
+    return tp, fp, pos.sum() - tp, neg.sum() - fp
+
+
 def best_dice_threshold(pos: np.ndarray, neg: np.ndarray, candidates: Optional[np.ndarray] = None) -> Tuple[float, float]:
-    """The candidate threshold with the highest pooled Dice, from probability histograms over ``len(pos)`` equal
-    bins of [0, 1] (as :class:`BinarySegMetrics` keeps them). A threshold ``t`` counts bins from ``floor(t * bins)``
-    up as foreground, which is ``probability > t`` up to one bin width. Ties go to the candidate nearest 0.5.
+    """The candidate threshold (default 0.05 to 0.95 in steps of 0.01) with the highest pooled Dice, from
+    probability histograms (see :func:`_counts_at`). Ties go to the candidate nearest 0.5.
 
     Returns:
         ``(threshold, dice)``.
     """
-    pos = np.asarray(pos, dtype=np.float64)
-    neg = np.asarray(neg, dtype=np.float64)
-    bins = pos.size
     if candidates is None:
         candidates = np.round(np.arange(0.05, 0.951, 0.01), 2)
     candidates = np.asarray(candidates, dtype=np.float64)
-    start = np.clip(np.floor(candidates * bins).astype(np.int64), 0, bins - 1)
-    tp = np.cumsum(pos[::-1])[::-1][start]  # positives in bin `start` and above
-    fp = np.cumsum(neg[::-1])[::-1][start]
-    fn = pos.sum() - tp
+    tp, fp, fn, _ = (c.astype(np.float64) for c in _counts_at(pos, neg, candidates))
     den = 2 * tp + fp + fn
     dice = np.where(den > 0, 2 * tp / np.maximum(den, 1), 1.0)
     best = np.flatnonzero(dice == dice.max())
@@ -174,9 +179,7 @@ class BinarySegMetrics:
 
     def pooled_at(self, threshold: float) -> Dict[str, float]:
         """Pooled threshold metrics at another ``threshold``, from the histograms (exact up to one bin width)."""
-        start = min(max(int(math.floor(float(threshold) * self.bins)), 0), self.bins - 1)
-        tp, fp = int(self._pos[start:].sum()), int(self._neg[start:].sum())
-        fn, tn = int(self._pos.sum()) - tp, int(self._neg.sum()) - fp
+        tp, fp, fn, tn = (int(c[0]) for c in _counts_at(self._pos, self._neg, np.array([threshold])))
         return {"threshold": float(threshold), **counts_metrics(tp, fp, fn, tn), "tp": tp, "fp": fp, "fn": fn, "tn": tn}
 
     def best_dice_threshold(self, candidates: Optional[np.ndarray] = None) -> Tuple[float, float]:
