@@ -166,12 +166,7 @@ def choose_threshold(model: nn.Module, images: Sequence[LoadedImage], cfg: Dict[
     field picks it on held-out data; choosing it on the test split would overstate the result."""
     if not images:
         raise ValueError("test.threshold 'val' needs validation images (data.val_fraction or data.val_count > 0)")
-    metrics = BinarySegMetrics()
-    model.eval()
-    for im in images:
-        prob = predict_probability(model, im.image, im.mask.shape, device, amp_dtype,
-                                   flip=bool(cfg["test"].get("flip", False)))
-        metrics.update(im.sample.name, prob, im.mask, im.fov)
+    metrics = _score_loaded(model, images, 0.5, device, amp_dtype, flip=bool(cfg["test"].get("flip", False)))
     threshold, dice = metrics.best_dice_threshold()
     log.info("threshold chosen on %d validation images: %.2f (pooled validation Dice %.4f; at 0.5: %.4f)",
              len(images), threshold, dice, metrics.pooled()["dice"])
@@ -202,15 +197,21 @@ def evaluate(model: nn.Module, samples: Sequence[SegSample], cfg: Dict[str, Any]
     return metrics
 
 
+def _score_loaded(model: nn.Module, images: Sequence[LoadedImage], threshold: float, device: torch.device,
+                  amp_dtype: Optional[torch.dtype], flip: bool = False, bins: int = 1 << 20) -> BinarySegMetrics:
+    """Metrics of already loaded (validation) images at the working resolution, inside their FOV."""
+    metrics = BinarySegMetrics(threshold, bins=bins)
+    model.eval()
+    for im in images:
+        prob = predict_probability(model, im.image, im.mask.shape, device, amp_dtype, flip=flip)
+        metrics.update(im.sample.name, prob, im.mask, im.fov)
+    return metrics
+
+
 def _validate(model: nn.Module, images: Sequence[LoadedImage], threshold: float, device: torch.device,
               amp_dtype: Optional[torch.dtype]) -> Dict[str, float]:
     """Pooled metrics of the validation images at the working resolution (cheap; for model selection)."""
-    metrics = BinarySegMetrics(threshold, bins=1 << 16)
-    model.eval()
-    for im in images:
-        prob = predict_probability(model, im.image, im.mask.shape, device, amp_dtype)
-        metrics.update(im.sample.name, prob, im.mask, im.fov)
-    return metrics.pooled()
+    return _score_loaded(model, images, threshold, device, amp_dtype, bins=1 << 16).pooled()
 
 
 # ------------------------------------------------------------------------------------------------- outputs
