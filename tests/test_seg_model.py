@@ -77,6 +77,44 @@ def test_unetr_head_sees_full_resolution(encoder_file):
     assert logits.shape == (1, 2, 64, 64)  # the UNETR-like head predicts at full resolution, not at stride 4
 
 
+@pytest.mark.parametrize("stems", [[8, 16], [8, 16, 32], [4, 8, 16, 32]])
+def test_unetr_image_path_depth(encoder_file, stems):
+    """Each image-path stage runs at stride 2**i and the decoder comes back down through all of them."""
+    model, _ = build_segmentor(_cfg(encoder_file[0], stem_channels=stems))
+    head = model.decode_head
+    feats = model.extract_feat(torch.zeros(1, 3, 64, 64))
+    seen = []
+    hooks = [stem.register_forward_hook(lambda m, i, o: seen.append((o.shape[1], o.shape[-1]))) for stem in head.stems]
+    assert head(feats).shape == (1, 2, 64, 64)
+    for hook in hooks:
+        hook.remove()
+    assert seen == [(c, 64 // 2 ** i) for i, c in enumerate(stems)]
+    losses, _ = _train_steps(model)
+    assert losses[-1] < losses[0]
+
+
+def test_unetr_head_loads_checkpoints_of_the_two_stage_naming(encoder_file):
+    """best.pth files written before the image path took a depth name its layers stem_full/stem_half/
+    fuse_full/fuse_half; they load strictly and give the same output."""
+    from visionfm.tasks.segmentation.head import VisionFMUNETRHead
+
+    torch.manual_seed(0)
+    model, _ = build_segmentor(_cfg(encoder_file[0]))
+    legacy = {}
+    for key, value in model.decode_head.state_dict().items():
+        for old, new in VisionFMUNETRHead._LEGACY_NAMES.items():
+            key = key.replace(new, old, 1) if key.startswith(new) else key
+        legacy[key] = value
+    assert any(k.startswith("stem_full.") for k in legacy) and not any(k.startswith("stems.") for k in legacy)
+    fresh, _ = build_segmentor(_cfg(encoder_file[0]))
+    fresh.decode_head.load_state_dict(legacy, strict=True)
+    feats = model.extract_feat(torch.rand(1, 3, 64, 64))
+    model.eval(), fresh.eval()
+    assert torch.equal(model.decode_head(feats), fresh.decode_head(feats))
+    with pytest.raises(ValueError, match="stem_channels"):
+        build_segmentor(_cfg(encoder_file[0], stem_channels=[8]))
+
+
 def test_pretrained_weights_survive_init_and_normalisation_from_metadata(encoder_file):
     path, state = encoder_file
     model, mm_cfg = build_segmentor(_cfg(path))
