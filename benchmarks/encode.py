@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from visionfm.engine.dino_trainer import fastest_cpu_threads  # noqa: E402
+from visionfm.engine.threads import fastest_cpu_threads  # noqa: E402
 from visionfm.models.vit import cls_features, create_encoder, set_fused_attention  # noqa: E402
 from visionfm.modalities import get_modality  # noqa: E402
 from visionfm.weights.export import save_encoder  # noqa: E402

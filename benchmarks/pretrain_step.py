@@ -54,7 +54,8 @@ sys.path.insert(0, str(ROOT))
 
 from visionfm.config import build_config  # noqa: E402
 from visionfm.data.augment import MultiCropAugmentation  # noqa: E402
-from visionfm.engine.dino_trainer import DINOTrainer, fastest_cpu_threads  # noqa: E402
+from visionfm.engine.dino_trainer import DINOTrainer  # noqa: E402
+from visionfm.engine.threads import fastest_cpu_threads  # noqa: E402
 from visionfm.engine.precision import resolve_precision  # noqa: E402
 from visionfm.models.vit import ARCHS  # noqa: E402
 

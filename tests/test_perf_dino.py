@@ -15,7 +15,8 @@ import torch
 from lightly.loss import DINOLoss as LightlyDINOLoss
 from timm.layers import DropPath
 
-from visionfm.engine.dino_trainer import fastest_cpu_threads, make_adamw
+from visionfm.engine.dino_trainer import make_adamw
+from visionfm.engine.threads import fastest_cpu_threads
 from visionfm.models import vit as vit_module
 from visionfm.models.vit import ExplicitAttention, cls_features, create_encoder, set_fused_attention
 from visionfm.objectives.dino import DINOLoss

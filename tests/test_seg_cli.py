@@ -238,7 +238,7 @@ def test_entry_point_runs_from_a_checkout_without_install(tmp_path):
 def test_auto_threads_are_timed_again_at_validation(dataset, encoder_file, tmp_path, monkeypatch):
     """A start-up timing fooled by a burst of other work (1 thread chosen) is corrected at the next validation,
     with all the cores the run started with still a candidate."""
-    import visionfm.engine.dino_trainer as dino_trainer
+    import visionfm.engine.threads as threads_module
 
     start_threads = torch.get_num_threads()
     calls = []
@@ -247,7 +247,7 @@ def test_auto_threads_are_timed_again_at_validation(dataset, encoder_file, tmp_p
         calls.append((max_threads, torch.get_num_threads()))
         return 1 if len(calls) == 1 else max_threads
 
-    monkeypatch.setattr(dino_trainer, "fastest_cpu_threads", scripted_probe)
+    monkeypatch.setattr(threads_module, "fastest_cpu_threads", scripted_probe)
     try:
         torch.set_num_threads(2)
         rc = main(["--dataset", str(dataset), "--weights", str(encoder_file), "--output", str(tmp_path), "--max-steps",
@@ -261,10 +261,10 @@ def test_auto_threads_are_timed_again_at_validation(dataset, encoder_file, tmp_p
 
 
 def test_fixed_thread_count_is_not_timed(monkeypatch):
-    import visionfm.engine.dino_trainer as dino_trainer
+    import visionfm.engine.threads as threads_module
     from visionfm.tasks.segmentation.runner import ThreadChooser
 
-    monkeypatch.setattr(dino_trainer, "fastest_cpu_threads", lambda *a, **k: pytest.fail("timed a fixed setting"))
+    monkeypatch.setattr(threads_module, "fastest_cpu_threads", lambda *a, **k: pytest.fail("timed a fixed setting"))
     start_threads = torch.get_num_threads()
     try:
         chooser = ThreadChooser(1, torch.device("cpu"), None)

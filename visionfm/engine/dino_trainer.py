@@ -26,6 +26,7 @@ from ..weights.export import save_encoder, update_index
 from .checkpoint import atomic_save, restart_from_checkpoint, safe_load
 from .distributed import DistInfo, barrier, init_distributed
 from .precision import autocast, resolve_precision
+from .threads import ThreadChooser, fastest_cpu_threads
 
 __all__ = ["NonFiniteLossError", "DINOTrainer", "param_groups", "make_adamw", "fastest_cpu_threads", "step_seed"]
 
@@ -57,48 +58,6 @@ def make_adamw(groups: List[Dict[str, Any]]) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, lr=0.0, foreach=True)
 
 
-def fastest_cpu_threads(max_threads: Optional[int] = None, trials: int = 3,
-                        dtype: Optional[torch.dtype] = None) -> int:
-    """The faster of 1 and ``max_threads`` (default: torch's current setting) intra-op threads for a short
-    ViT-like CPU workload (matmuls, GELU, reductions in ``dtype``), timed alternately.
-
-    On a machine whose cores are shared with other busy jobs, OpenMP threads stall at the end of every parallel
-    op until their descheduled siblings catch up; there one thread ran a whole DINO step up to 3x faster than
-    two, while on idle cores two threads are faster. Leaves torch's setting as it found it.
-
-    Args:
-        dtype: The dtype training computes in (the autocast dtype; ``None`` means fp32). It must be the one
-            timed: on a CPU without native bf16 (AVX2 only) a bf16 matmul takes a slow path ~30x longer than
-            fp32 that does not scale with threads, so a bf16 probe picked 1 thread for fp32 training that ran
-            2x faster on 2 idle cores.
-    """
-    import torch.nn.functional as F
-
-    max_threads = int(max_threads or torch.get_num_threads())
-    if max_threads <= 1:
-        return 1
-    before = torch.get_num_threads()
-    a = torch.randn(1024, 192).to(dtype or torch.float32)
-    b = torch.randn(192, 768).to(dtype or torch.float32)
-
-    def workload() -> None:
-        for _ in range(12):
-            F.gelu(torch.mm(a, b)).sum()
-
-    best = {1: float("inf"), max_threads: float("inf")}
-    try:
-        for trial in range(trials + 1):
-            for n in ((1, max_threads) if trial % 2 == 0 else (max_threads, 1)):
-                torch.set_num_threads(n)
-                start = time.perf_counter()
-                workload()
-                if trial:  # the first round warms up
-                    best[n] = min(best[n], time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(before)
-    return max_threads if best[max_threads] < 0.9 * best[1] else 1
-
-
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The seed of one step's randomness (crops, flips, colour, drop-path): a function of the run's seed, the
     global step and the rank only, so a resumed run repeats exactly what an uninterrupted run does."""
@@ -126,13 +85,10 @@ class DINOTrainer:
         self.is_main = self.dist.rank == 0
         self.seed = int(train["seed"])
         self.amp_dtype, use_scaler = resolve_precision(train.get("precision", "auto"), self.device)
-        threads = train.get("threads")
-        if threads and self.device.type == "cpu":
-            # On a CPU shared with other busy jobs, fewer threads than cores avoid OpenMP threads stalling at every
-            # op's barrier while a sibling is descheduled (see fastest_cpu_threads).
-            torch.set_num_threads(fastest_cpu_threads(dtype=self.amp_dtype) if str(threads).lower() == "auto"
-                                  else int(threads))
-            log.info("CPU threads: %d (train.threads=%s)", torch.get_num_threads(), threads)
+        # On a CPU shared with other busy jobs, fewer threads than cores avoid OpenMP threads stalling at every
+        # op's barrier while a sibling is descheduled (see fastest_cpu_threads); auto is timed again every epoch.
+        self.threads = ThreadChooser(train.get("threads"), self.device, self.amp_dtype)
+        self.threads.apply()
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self._stop_signal: Optional[int] = None
 
@@ -386,6 +342,7 @@ class DINOTrainer:
                     epoch += 1
                     step_in_epoch = 0
                 self.save_checkpoint(epoch, step_in_epoch, global_step)
+                self.threads.recheck()
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)

@@ -17,7 +17,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from ...data.datasets.generic_seg import SegSample, SegSplits
 from ...data.io import is_image_file, read_image
 from ...engine.checkpoint import atomic_save, restart_from_checkpoint, safe_load, stop_requests
 from ...engine.precision import autocast, backward_and_step, resolve_precision
+from ...engine.threads import ThreadChooser
 from ...modalities import get_modality
 from .data import (CropSampler, LoadedImage, SegAugmentation, load_dataset, load_image, load_truth,
                    split_validation, working_size, resize_array)
@@ -346,54 +347,6 @@ def _batch(images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
         s.gt_sem_seg = PixelData(data=label)
         samples.append(s)
     return dict(inputs=list(images), data_samples=samples)
-
-
-class ThreadChooser:
-    """``train.threads`` on the CPU: ``auto`` picks 1 or all cores by a short timing in the run's compute dtype
-    (:func:`visionfm.engine.dino_trainer.fastest_cpu_threads`), an integer sets it, null leaves torch's default.
-
-    One timing at start-up can be fooled by a short burst of other work (a test run starting beside a training
-    picked 1 thread, 3.4 s/step instead of 2.0 s/step for the whole run), so a training loop calls
-    :meth:`recheck` at its validation points and ``auto`` times again, with all cores still a candidate.
-
-    Args:
-        setting: The ``train.threads`` value.
-        device: The run's device (nothing is done off the CPU).
-        amp_dtype: The autocast dtype (``None``: fp32); the timing runs in it.
-        probe: ``(max_threads, dtype) -> threads``; the default times the workload.
-    """
-
-    def __init__(self, setting: Any, device: torch.device, amp_dtype: Optional[torch.dtype],
-                 probe: Optional[Callable[[int, Optional[torch.dtype]], int]] = None) -> None:
-        self.active = bool(setting) and device.type == "cpu"
-        self.auto = self.active and str(setting).lower() == "auto"
-        self.setting, self.amp_dtype = setting, amp_dtype
-        self.max_threads = torch.get_num_threads()
-        if probe is None:
-            from ...engine.dino_trainer import fastest_cpu_threads
-
-            def probe(max_threads: int, dtype: Optional[torch.dtype]) -> int:
-                return fastest_cpu_threads(max_threads, dtype=dtype)
-        self.probe = probe
-
-    def apply(self) -> Optional[int]:
-        """Set the thread count at start-up; returns it (``None`` where nothing is set)."""
-        if not self.active:
-            return None
-        n = self.probe(self.max_threads, self.amp_dtype) if self.auto else int(self.setting)
-        torch.set_num_threads(n)
-        log.info("CPU threads: %d", n)
-        return n
-
-    def recheck(self) -> Optional[int]:
-        """``auto`` only: time again and switch if the other count is now the faster; returns the count set."""
-        if not self.auto:
-            return None
-        n = self.probe(self.max_threads, self.amp_dtype)
-        if n != torch.get_num_threads():
-            log.info("CPU threads: %d -> %d (timed again)", torch.get_num_threads(), n)
-            torch.set_num_threads(n)
-        return n
 
 
 def set_threads(setting: Any, device: torch.device, amp_dtype: Optional[torch.dtype]) -> Optional[int]:
