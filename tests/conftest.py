@@ -45,3 +45,26 @@ def tiny_pretrain_config(**overrides) -> dict:
     }
     base.update(overrides)
     return apply_overrides(cfg, [f"{k}={v}" for k, v in base.items()])
+
+
+@pytest.fixture
+def scripted_thread_probe(monkeypatch):
+    """Replaces the thread timing with a script (1 thread at start-up, then all cores), with torch set to 2
+    threads; yields the list of ``(max_threads, threads set when timed)`` calls and restores torch's setting."""
+    import torch
+
+    import visionfm.engine.threads as threads_module
+
+    start_threads = torch.get_num_threads()
+    calls = []
+
+    def probe(max_threads=None, trials=3, dtype=None):
+        calls.append((max_threads, torch.get_num_threads()))
+        return 1 if len(calls) == 1 else max_threads
+
+    monkeypatch.setattr(threads_module, "fastest_cpu_threads", probe)
+    torch.set_num_threads(2)
+    try:
+        yield calls
+    finally:
+        torch.set_num_threads(start_threads)

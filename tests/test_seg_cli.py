@@ -235,29 +235,14 @@ def test_entry_point_runs_from_a_checkout_without_install(tmp_path):
     assert out.returncode == 1 and "dataset DRIVE not found" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_auto_threads_are_timed_again_at_validation(dataset, encoder_file, tmp_path, monkeypatch):
+def test_auto_threads_are_timed_again_at_validation(dataset, encoder_file, tmp_path, scripted_thread_probe):
     """A start-up timing fooled by a burst of other work (1 thread chosen) is corrected at the next validation,
     with all the cores the run started with still a candidate."""
-    import visionfm.engine.threads as threads_module
-
-    start_threads = torch.get_num_threads()
-    calls = []
-
-    def scripted_probe(max_threads=None, trials=3, dtype=None):
-        calls.append((max_threads, torch.get_num_threads()))
-        return 1 if len(calls) == 1 else max_threads
-
-    monkeypatch.setattr(threads_module, "fastest_cpu_threads", scripted_probe)
-    try:
-        torch.set_num_threads(2)
-        rc = main(["--dataset", str(dataset), "--weights", str(encoder_file), "--output", str(tmp_path), "--max-steps",
-                   "4", "--set", "train.val_every=2", "--set", "train.threads=auto", *TINY])
-        assert rc == 0
-        # start-up, then after the validations at steps 2 and 4; the later ones run while 1 thread is set
-        assert calls == [(2, 2), (2, 1), (2, 2)]
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(start_threads)
+    rc = main(["--dataset", str(dataset), "--weights", str(encoder_file), "--output", str(tmp_path), "--max-steps",
+               "4", "--set", "train.val_every=2", "--set", "train.threads=auto", *TINY])
+    assert rc == 0
+    # start-up, then after the validations at steps 2 and 4; the later ones run while 1 thread is set
+    assert scripted_thread_probe == [(2, 2), (2, 1), (2, 2)] and torch.get_num_threads() == 2
 
 
 def test_fixed_thread_count_is_not_timed(monkeypatch):
