@@ -228,3 +228,40 @@ def test_read_mask_thresholds(tmp_path):
     expected = np.array([[False, True], [True, False]])
     for path in (zero_one, zero_255, noisy):
         assert (read_mask(path) == expected).all(), path
+
+
+@needs_drive
+def test_clahe_lifts_vessel_contrast_on_a_real_drive_image():
+    from visionfm.data.io import read_image
+    from visionfm.tasks.segmentation.data import equalize_contrast, model_input
+
+    sample = load_drive(SHARED).test[0]
+    image = read_image(sample.image, 3)
+    vessels, fov = read_mask(sample.mask), read_mask(sample.fov)
+
+    def vessel_contrast(img):
+        grey = img.astype(np.float64).mean(axis=2)
+        return grey[fov & ~vessels].mean() - grey[fov & vessels].mean()
+
+    equalised = equalize_contrast(image, clip_limit=2.0, grid=8)
+    assert equalised.shape == image.shape and equalised.dtype == np.uint8
+    assert vessel_contrast(equalised) > 1.3 * vessel_contrast(image)  # vessels are darker than the background
+    # lightness only: the fundus stays reddish (red above green above blue inside the FOV)
+    means = equalised[fov].astype(np.float64).mean(axis=0)
+    assert means[0] > means[1] > means[2]
+    cfg = {"resize_long_side": None, "clahe": {"clip_limit": 2.0, "grid": 8}}
+    assert np.array_equal(model_input(image, cfg), equalised)
+    assert np.array_equal(model_input(vessels, cfg, mask=True), vessels)  # masks are never equalised
+    assert np.array_equal(model_input(image, {"clahe": None}), image)
+
+
+def test_bad_clahe_settings_are_errors():
+    from visionfm.tasks.segmentation.data import equalize_contrast, model_input
+
+    image = _fundus()
+    with pytest.raises(ValueError, match="clip_limt"):
+        model_input(image, {"clahe": {"clip_limt": 2.0}})
+    with pytest.raises(ValueError, match="mapping"):
+        model_input(image, {"clahe": "yes"})
+    with pytest.raises(ValueError, match="RGB"):
+        equalize_contrast(image[:, :, 0])

@@ -13,7 +13,7 @@ from visionfm.config import CONFIG_DIR, build_config
 from visionfm.models.vit import create_encoder
 from visionfm.tasks.segmentation.data import SegAugmentation
 from visionfm.tasks.segmentation.model import build_segmentor
-from visionfm.tasks.segmentation.runner import _batch, lr_multipliers, param_groups, predict_probability
+from visionfm.tasks.segmentation.runner import _batch, lr_multipliers, param_groups, predict_probability, tta_views
 from visionfm.weights.export import save_encoder
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.15]
@@ -203,3 +203,24 @@ def test_augmentation_keeps_image_and_label_aligned():
     assert torch.equal((x[:, :1] > 127)[inside], (y == 1)[inside]) or \
         ((x[:, :1] > 127)[inside] != (y == 1)[inside]).float().mean() < 0.02  # nearest vs bilinear at edges
     assert (y == 255).any()  # rotated corners are ignored, not called background
+
+
+def test_tta_views_are_undone_exactly(encoder_file):
+    """Averaging over the 8 symmetries of the square makes the prediction equivariant: the prediction of a rotated
+    or mirrored image is the rotated or mirrored prediction. Fails if any view is mapped back wrongly (including
+    the swapped height and width of odd quarter turns on a non-square image)."""
+    assert len(tta_views(True, True)) == 8 and len(set(tta_views(True, True))) == 8
+    assert len(tta_views(False, True)) == 4 and tta_views(True, False)[0] == (0, ()) and tta_views(False, False) == [(0, ())]
+    torch.manual_seed(0)
+    model, _ = build_segmentor(_cfg(encoder_file[0]))
+    model.eval()
+    image = np.random.default_rng(2).integers(0, 255, (80, 112, 3), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    prob = predict_probability(model, image, (80, 112), cpu, None, flip=True, rot90=True)
+    turned = predict_probability(model, np.rot90(image).copy(), (112, 80), cpu, None, flip=True, rot90=True)
+    mirrored = predict_probability(model, image[:, ::-1].copy(), (80, 112), cpu, None, flip=True, rot90=True)
+    assert prob.shape == (80, 112)
+    np.testing.assert_allclose(turned, np.rot90(prob), atol=1e-5)
+    np.testing.assert_allclose(mirrored, prob[:, ::-1], atol=1e-5)
+    plain = predict_probability(model, image, (80, 112), cpu, None)
+    assert np.abs(plain - prob).max() > 1e-4  # the views do change the answer of an untrained model

@@ -32,14 +32,14 @@ from ...engine.checkpoint import atomic_save, restart_from_checkpoint, safe_load
 from ...engine.precision import autocast, backward_and_step, resolve_precision
 from ...engine.threads import ThreadChooser
 from ...modalities import get_modality
-from .data import (CropSampler, LoadedImage, SegAugmentation, load_dataset, load_image, load_truth,
-                   split_validation, working_size, resize_array)
+from .data import (CropSampler, LoadedImage, SegAugmentation, load_dataset, load_image, load_truth, model_input,
+                   split_validation)
 from .metrics import METRIC_NAMES, BinarySegMetrics
 from .model import build_segmentor, encoder_record
 from .overlay import save_mask, save_overlay
 
 __all__ = ["CHECKPOINT_FORMAT", "NonFiniteLossError", "prepare_splits", "param_groups", "lr_multipliers",
-           "predict_probability", "evaluate", "train", "evaluate_checkpoint", "predict_folder", "load_checkpoint"]
+           "tta_views", "predict_probability", "evaluate", "train", "evaluate_checkpoint", "predict_folder", "load_checkpoint"]
 
 log = logging.getLogger("visionfm.seg")
 
@@ -71,7 +71,7 @@ def prepare_splits(cfg: Dict[str, Any], data_root: "str | Path") -> Tuple[SegSpl
 
 def _load_all(samples: Sequence[SegSample], cfg: Dict[str, Any], fov_from_image: bool) -> List[LoadedImage]:
     channels = get_modality(cfg["modality"]).channels
-    return [load_image(s, channels, cfg["data"].get("resize_long_side"), fov_from_image) for s in samples]
+    return [load_image(s, channels, cfg["data"], fov_from_image) for s in samples]
 
 
 # ------------------------------------------------------------------------------------------------ optimiser
@@ -120,27 +120,45 @@ def lr_multipliers(total: int, warmup: int, min_ratio: float) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ inference
 
+def tta_views(flip: bool, rot90: bool) -> List[Tuple[int, Tuple[int, ...]]]:
+    """Test-time views as ``(quarter turns, flipped axes)``: the image alone; with ``flip`` its horizontal and
+    vertical mirrors; with ``rot90`` its four quarter turns; with both, the eight symmetries of the square."""
+    if flip and rot90:
+        return [(k, dims) for k in range(4) for dims in ((), (1,))]
+    if rot90:
+        return [(k, ()) for k in range(4)]
+    return [(0, ()), (0, (1,)), (0, (0,))] if flip else [(0, ())]
+
+
 def predict_probability(model: nn.Module, image: np.ndarray, original_size: Tuple[int, int], device: torch.device,
-                        amp_dtype: Optional[torch.dtype], flip: bool = False) -> np.ndarray:
+                        amp_dtype: Optional[torch.dtype], flip: bool = False, rot90: bool = False) -> np.ndarray:
     """Foreground probability ``float32 (H0, W0)`` of one working-resolution image ``uint8 (H, W, 3)``, through
     mmseg's data preprocessor (normalisation, padding) and ``predict`` (whole or sliding-window inference,
-    padding removed, logits resized to ``original_size``). With ``flip``, probabilities are averaged over the
-    image and its horizontal and vertical mirrors (test-time augmentation)."""
-    variants = [(), (1,), (0,)] if flip else [()]
+    padding removed, logits resized to ``original_size``). With ``flip`` and/or ``rot90``, probabilities are
+    averaged over mirrored and/or rotated views (test-time augmentation, :func:`tta_views`)."""
+    views = tta_views(flip, rot90)
     total = None
-    for dims in variants:
+    for turns, dims in views:
         view = np.flip(image, axis=dims) if dims else image
+        view = np.rot90(view, turns) if turns else view
         h, w = view.shape[:2]
+        ori = tuple(original_size) if turns % 2 == 0 else tuple(original_size)[::-1]
         tensor = torch.from_numpy(np.array(view, copy=True)).permute(2, 0, 1).contiguous()
-        sample = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=tuple(original_size), pad_shape=(h, w)))
+        sample = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=ori, pad_shape=(h, w)))
         data = model.data_preprocessor(dict(inputs=[tensor.to(device)], data_samples=[sample]), training=False)
         with torch.no_grad(), autocast(device, amp_dtype):
             result = model.predict(data["inputs"], data["data_samples"])[0]
         logits = result.seg_logits.data.float()
         prob = torch.softmax(logits, dim=0)[1] if logits.shape[0] > 1 else logits[0]  # 1 channel: already sigmoid
+        prob = torch.rot90(prob, -turns) if turns else prob
         prob = prob.flip(dims) if dims else prob
         total = prob if total is None else total + prob
-    return (total / len(variants)).cpu().numpy().astype(np.float32)
+    return (total / len(views)).cpu().numpy().astype(np.float32)
+
+
+def _tta(cfg: Dict[str, Any]) -> Dict[str, bool]:
+    """The ``test.flip`` / ``test.rot90`` settings as keyword arguments of :func:`predict_probability`."""
+    return {"flip": bool(cfg["test"].get("flip", False)), "rot90": bool(cfg["test"].get("rot90", False))}
 
 
 def threshold_setting(cfg: Dict[str, Any]) -> Optional[float]:
@@ -161,13 +179,13 @@ def threshold_setting(cfg: Dict[str, Any]) -> Optional[float]:
 def choose_threshold(model: nn.Module, images: Sequence[LoadedImage], cfg: Dict[str, Any], device: torch.device,
                      amp_dtype: Optional[torch.dtype]) -> Tuple[float, float]:
     """``(threshold, pooled Dice)``: the threshold in 0.05..0.95 (steps of 0.01) that maximises the pooled Dice of
-    the validation images, predicted as the test split is (same flip averaging), inside their FOV.
+    the validation images, predicted as the test split is (same test-time augmentation), inside their FOV.
 
     Why: cross-entropy + Dice training leaves the Dice-optimal cut of the probabilities near, not at, 0.5, and the
     field picks it on held-out data; choosing it on the test split would overstate the result."""
     if not images:
         raise ValueError("test.threshold 'val' needs validation images (data.val_fraction or data.val_count > 0)")
-    metrics = _score_loaded(model, images, 0.5, device, amp_dtype, flip=bool(cfg["test"].get("flip", False)))
+    metrics = _score_loaded(model, images, 0.5, device, amp_dtype, **_tta(cfg))
     threshold, dice = metrics.best_dice_threshold()
     log.info("threshold chosen on %d validation images: %.2f (pooled validation Dice %.4f; at 0.5: %.4f)",
              len(images), threshold, dice, metrics.pooled()["dice"])
@@ -186,9 +204,8 @@ def evaluate(model: nn.Module, samples: Sequence[SegSample], cfg: Dict[str, Any]
         image = read_image(sample.image, channels)
         image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
         truth, fov = load_truth(sample, image, fov_from_image)
-        size = working_size(*image.shape[:2], cfg["data"].get("resize_long_side"))
-        prob = predict_probability(model, resize_array(image, size, False), image.shape[:2], device, amp_dtype,
-                                   flip=bool(cfg["test"].get("flip", False)))
+        prob = predict_probability(model, model_input(image, cfg["data"]), image.shape[:2], device, amp_dtype,
+                                   **_tta(cfg))
         m = metrics.update(sample.name, prob, truth, fov)
         log.info("  %s: dice %.4f auc %.4f", sample.name, m["dice"], m["auc"])
         if overlays is not None:
@@ -199,12 +216,13 @@ def evaluate(model: nn.Module, samples: Sequence[SegSample], cfg: Dict[str, Any]
 
 
 def _score_loaded(model: nn.Module, images: Sequence[LoadedImage], threshold: float, device: torch.device,
-                  amp_dtype: Optional[torch.dtype], flip: bool = False, bins: int = 1 << 20) -> BinarySegMetrics:
+                  amp_dtype: Optional[torch.dtype], flip: bool = False, rot90: bool = False,
+                  bins: int = 1 << 20) -> BinarySegMetrics:
     """Metrics of already loaded (validation) images at the working resolution, inside their FOV."""
     metrics = BinarySegMetrics(threshold, bins=bins)
     model.eval()
     for im in images:
-        prob = predict_probability(model, im.image, im.mask.shape, device, amp_dtype, flip=flip)
+        prob = predict_probability(model, im.image, im.mask.shape, device, amp_dtype, flip=flip, rot90=rot90)
         metrics.update(im.sample.name, prob, im.mask, im.fov)
     return metrics
 
@@ -282,8 +300,9 @@ def load_checkpoint(path: "str | Path", cfg: Dict[str, Any], device: torch.devic
     cfg["model"] = stored["model"]
     cfg["data"]["crop_size"] = stored["data"]["crop_size"]
     cfg["data"]["resize_long_side"] = stored["data"].get("resize_long_side")
-    # Window and stride come with the model; threshold and flip TTA stay the caller's choice.
-    cfg["test"] = {**stored["test"], **{k: v for k, v in cfg["test"].items() if k in ("threshold", "flip")}}
+    cfg["data"]["clahe"] = stored["data"].get("clahe")  # the model was trained on that input
+    # Window and stride come with the model; threshold and test-time augmentation stay the caller's choice.
+    cfg["test"] = {**stored["test"], **{k: v for k, v in cfg["test"].items() if k in ("threshold", "flip", "rot90")}}
     model, _ = build_segmentor(cfg, encoder=ckpt["encoder"])
     try:
         model.load_state_dict(ckpt["model"], strict=True)
@@ -568,9 +587,8 @@ def predict_folder(checkpoint: "str | Path", images: "str | Path", output: "str 
     for path in files:
         image = read_image(path, channels)
         image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
-        size = working_size(*image.shape[:2], cfg["data"].get("resize_long_side"))
-        prob = predict_probability(model, resize_array(image, size, False), image.shape[:2], device, amp_dtype,
-                                   flip=bool(cfg["test"].get("flip", False)))
+        prob = predict_probability(model, model_input(image, cfg["data"]), image.shape[:2], device, amp_dtype,
+                                   **_tta(cfg))
         written.append(save_mask(output / f"{path.stem}.png", prob, threshold))
         if probabilities:
             save_mask(output / f"{path.stem}_prob.png", prob, probability=True)
