@@ -39,7 +39,8 @@ from .model import build_segmentor, encoder_record
 from .overlay import save_mask, save_overlay
 
 __all__ = ["CHECKPOINT_FORMAT", "NonFiniteLossError", "prepare_splits", "param_groups", "lr_multipliers",
-           "tta_views", "predict_probability", "evaluate", "train", "evaluate_checkpoint", "predict_folder", "load_checkpoint"]
+           "tta_views", "predict_probability", "evaluate", "train", "evaluate_checkpoint", "predict_folder",
+           "load_checkpoint"]
 
 log = logging.getLogger("visionfm.seg")
 
