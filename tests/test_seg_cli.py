@@ -144,6 +144,34 @@ def test_threshold_chosen_on_validation_is_used_and_stored(dataset, encoder_file
     assert again["pooled"]["tp"] == metrics["pooled"]["tp"] and again["pooled"]["fp"] == metrics["pooled"]["fp"]
 
 
+def test_eval_only_and_predict_use_the_checkpoints_clahe(dataset, encoder_file, tmp_path):
+    # A model trained on contrast-equalised input must see the same input later, without the user repeating
+    # data.clahe: eval-only reproduces the training run's test metrics, and predict's probabilities differ
+    # from those of the same weights fed raw images.
+    out = tmp_path / "run"
+    rc = main(["--dataset", str(dataset), "--weights", str(encoder_file), "--output", str(out), "--max-steps", "2",
+               "--set", "data.clahe={clip_limit: 3.0, grid: 4}", "--finetune", *TINY])
+    assert rc == 0
+    rc = main(["--dataset", str(dataset), "--eval-only", "--checkpoint", str(out / "best.pth"), "--output",
+               str(tmp_path / "again"), "--precision", "fp32"])
+    assert rc == 0
+    first = json.loads((out / "metrics.json").read_text())["pooled"]
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())["pooled"]
+    assert again["auc"] == pytest.approx(first["auc"]) and again["tp"] == first["tp"]
+    ckpt = torch.load(out / "best.pth", weights_only=True)
+    assert ckpt["config"]["data"]["clahe"] == {"clip_limit": 3.0, "grid": 4}
+    ckpt["config"]["data"]["clahe"] = None
+    torch.save(ckpt, tmp_path / "raw.pth")
+    probs = {}
+    for name in ("best.pth", "raw.pth"):
+        folder = tmp_path / f"predict_{name}"
+        rc = main(["predict", "--checkpoint", str(out / name if name == "best.pth" else tmp_path / name),
+                   "--images", str(dataset / "test" / "images"), "--output", str(folder), "--probabilities"])
+        assert rc == 0
+        probs[name] = np.asarray(Image.open(folder / "test0_prob.png"), dtype=np.int16)
+    assert np.abs(probs["best.pth"] - probs["raw.pth"]).max() > 0
+
+
 @pytest.mark.parametrize("value", ["1.5", "median"])
 def test_bad_threshold_is_an_early_error(dataset, encoder_file, tmp_path, capsys, value):
     rc = main(["--dataset", str(dataset), "--weights", str(encoder_file), "--output", str(tmp_path / "o"),
