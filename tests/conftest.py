@@ -42,6 +42,7 @@ def tiny_pretrain_config(**overrides) -> dict:
         "model.drop_path_rate": 0.1, "head.out_dim": 128, "head.hidden_dim": 64, "head.bottleneck_dim": 32,
         "crops.global_size": 32, "crops.local_number": 2, "crops.local_size": 16, "optim.epochs": 2,
         "optim.batch_size": 4, "optim.warmup_epochs": 1, "train.device": "cpu", "train.log_every": 1,
+        "train.threads": 1,  # runs compared bit for bit must not time their own thread counts
     }
     base.update(overrides)
     return apply_overrides(cfg, [f"{k}={v}" for k, v in base.items()])

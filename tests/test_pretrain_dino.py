@@ -75,7 +75,8 @@ def _cli(out: Path, *extra: str) -> list:
     return [sys.executable, str(ROOT / "pretrain" / "dino.py"), "--modality", "oct", "--arch", "vit_tiny",
             "--img-size", "32", "--local-crops", "2", "--local-size", "16", "--batch-size", "4", "--epochs", "3",
             "--out-dim", "128", "--set", "head.hidden_dim=64", "--set", "head.bottleneck_dim=32",
-            "--set", "data.synthetic_count=8", "--device", "cpu", "--seed", "1", "--output", str(out), *extra]
+            "--set", "data.synthetic_count=8", "--set", "train.threads=1", "--device", "cpu", "--seed", "1",
+            "--output", str(out), *extra]
 
 
 def test_sigkill_after_a_checkpoint_then_rerun_equals_uninterrupted(tmp_path):

@@ -19,9 +19,11 @@ from visionfm.weights.export import save_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+# One thread: runs compared bit for bit (resume, eval-only) must sum in the same order, which a thread count
+# timed afresh by each run (train.threads=auto) does not guarantee.
 TINY = ["--crop-size", "64", "--batch-size", "2", "--set", "model.pyramid_channels=32", "--set",
         "model.head_channels=16", "--set", "model.stem_channels=[8,16]", "--set", "model.blocks=[1,3,5,11]",
-        "--precision", "fp32"]
+        "--precision", "fp32", "--set", "train.threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +269,7 @@ def test_auto_threads_are_timed_again_at_validation(dataset, encoder_file, tmp_p
     """A start-up timing fooled by a burst of other work (1 thread chosen) is corrected at the next validation,
     with all the cores the run started with still a candidate."""
     rc = main(["--dataset", str(dataset), "--weights", str(encoder_file), "--output", str(tmp_path), "--max-steps",
-               "4", "--set", "train.val_every=2", "--set", "train.threads=auto", *TINY])
+               "4", "--set", "train.val_every=2", *TINY, "--set", "train.threads=auto"])
     assert rc == 0
     # start-up, then after the validations at steps 2 and 4; the later ones run while 1 thread is set
     assert scripted_thread_probe == [(2, 2), (2, 1), (2, 2)] and torch.get_num_threads() == 2
@@ -286,3 +288,16 @@ def test_fixed_thread_count_is_not_timed(monkeypatch):
         assert ThreadChooser(None, torch.device("cpu"), None).apply() is None
     finally:
         torch.set_num_threads(start_threads)
+
+
+def test_a_run_puts_back_the_thread_count_it_found(scripted_thread_probe):
+    """Two runs in one process (a notebook, this test session): the second must not start from, and cap its
+    timing at, the 1 thread the first one chose."""
+    from visionfm.engine.threads import ThreadChooser
+
+    with ThreadChooser("auto", torch.device("cpu"), None):
+        assert torch.get_num_threads() == 1  # the script's start-up choice
+    assert torch.get_num_threads() == 2
+    with ThreadChooser("auto", torch.device("cpu"), None):
+        assert torch.get_num_threads() == 2
+    assert scripted_thread_probe == [(2, 2), (2, 2)]

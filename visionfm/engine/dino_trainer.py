@@ -346,6 +346,7 @@ class DINOTrainer:
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
+            self.threads.restore()  # a later run in this process starts from the count found before this one
             if writer is not None:
                 writer.close()
         elapsed = time.perf_counter() - start_time

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -63,26 +63,31 @@ class ThreadChooser:
     picked 1 thread, 3.4 s/step instead of 2.0 s/step for the whole run), so a training loop calls
     :meth:`recheck` at its validation points and ``auto`` times again, with all cores still a candidate.
 
+    The count a run sets stays in torch's process-wide setting; :meth:`restore` (or leaving a ``with`` block)
+    puts back the count found at construction, so that a second run in the same process (a notebook, a test
+    session) does not start from, and cap ``auto`` at, the 1 thread its predecessor chose.
+
     Args:
         setting: The ``train.threads`` value.
         device: The run's device (nothing is done off the CPU).
         amp_dtype: The autocast dtype (``None``: fp32); the timing runs in it.
-        probe: ``(max_threads, dtype) -> threads``; the default times the workload.
     """
 
-    def __init__(self, setting: Any, device: torch.device, amp_dtype: Optional[torch.dtype],
-                 probe: Optional[Callable[[int, Optional[torch.dtype]], int]] = None) -> None:
+    def __init__(self, setting: Any, device: torch.device, amp_dtype: Optional[torch.dtype]) -> None:
         self.active = bool(setting) and device.type == "cpu"
         self.auto = self.active and str(setting).lower() == "auto"
         self.setting, self.amp_dtype = setting, amp_dtype
-        self.max_threads = torch.get_num_threads()
-        self.probe = probe if probe is not None else (lambda n, dtype: fastest_cpu_threads(n, dtype=dtype))
+        self.found = self.max_threads = torch.get_num_threads()
+
+    def probe(self) -> int:
+        """Time 1 against all the cores the run started with (looked up at call time: tests script it)."""
+        return fastest_cpu_threads(self.max_threads, dtype=self.amp_dtype)
 
     def apply(self) -> Optional[int]:
         """Set the thread count at start-up; returns it (``None`` where nothing is set)."""
         if not self.active:
             return None
-        n = self.probe(self.max_threads, self.amp_dtype) if self.auto else int(self.setting)
+        n = self.probe() if self.auto else int(self.setting)
         torch.set_num_threads(n)
         log.info("CPU threads: %d", n)
         return n
@@ -91,8 +96,20 @@ class ThreadChooser:
         """``auto`` only: time again and switch if the other count is now the faster; returns the count set."""
         if not self.auto:
             return None
-        n = self.probe(self.max_threads, self.amp_dtype)
+        n = self.probe()
         if n != torch.get_num_threads():
             log.info("CPU threads: %d -> %d (timed again)", torch.get_num_threads(), n)
             torch.set_num_threads(n)
         return n
+
+    def restore(self) -> None:
+        """Put back torch's thread count as found at construction (a no-op where nothing was set)."""
+        if self.active and torch.get_num_threads() != self.found:
+            torch.set_num_threads(self.found)
+
+    def __enter__(self) -> "ThreadChooser":
+        self.apply()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()

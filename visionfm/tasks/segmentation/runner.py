@@ -330,7 +330,8 @@ def _save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Opti
                        scaler: Optional["torch.amp.GradScaler"], sampler: CropSampler, cfg: Dict[str, Any], step: int,
                        best: Dict[str, Any], seen_loss: List[float], seconds: float) -> None:
     """Everything the loop needs to continue at ``step`` as if it had not stopped (atomic write)."""
-    atomic_save({"format": CHECKPOINT_FORMAT + "-train", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    atomic_save({"format": CHECKPOINT_FORMAT + "-train", "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "step": int(step),
                  "best": {"step": best["step"], "value": float(best["value"]), "val": _clean(best["val"])},
                  "loss_tail": [float(v) for v in seen_loss[-20:]], "sampler_rng": sampler.rng.bit_generator.state,
@@ -369,11 +370,6 @@ def _batch(images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
     return dict(inputs=list(images), data_samples=samples)
 
 
-def set_threads(setting: Any, device: torch.device, amp_dtype: Optional[torch.dtype]) -> Optional[int]:
-    """Apply ``train.threads`` once (evaluation and prediction): see :class:`ThreadChooser`."""
-    return ThreadChooser(setting, device, amp_dtype).apply()
-
-
 def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -384,16 +380,23 @@ def train(cfg: Dict[str, Any], output: "str | Path", data_root: "str | Path", de
     """Train on the training split (minus validation), keep the best validation checkpoint, evaluate it on the
     test split. Writes ``config.yaml``, ``best.pth``, ``tensorboard/``, ``metrics.json``, ``metrics.csv`` and
     ``overlays/`` under ``output``; returns the metrics dict."""
-    from torch.utils.tensorboard import SummaryWriter
-
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    t_cfg, o_cfg = cfg["train"], cfg["optim"]
+    t_cfg = cfg["train"]
     _seed(int(t_cfg["seed"]))
     test_threshold = threshold_setting(cfg)  # checked before any work; None: chosen on validation after training
     amp_dtype, needs_scaler = resolve_precision(t_cfg.get("precision", "auto"), device)
-    threads = ThreadChooser(t_cfg.get("threads"), device, amp_dtype)
-    threads.apply()
+    # The thread count this run chooses is put back when it ends: a later run in this process starts afresh.
+    with ThreadChooser(t_cfg.get("threads"), device, amp_dtype) as threads:
+        return _train(cfg, output, data_root, device, threads, test_threshold, amp_dtype, needs_scaler)
+
+
+def _train(cfg: Dict[str, Any], output: Path, data_root: "str | Path", device: torch.device, threads: ThreadChooser,
+           test_threshold: Optional[float], amp_dtype: Optional[torch.dtype], needs_scaler: bool) -> Dict[str, Any]:
+    """The body of :func:`train`, run while ``threads`` holds the thread count."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    t_cfg, o_cfg = cfg["train"], cfg["optim"]
     splits, train_samples, val_samples = prepare_splits(cfg, data_root)
     if not splits.test:
         raise ValueError(f"dataset {splits.dataset}: the test split is empty")
@@ -422,7 +425,8 @@ def train(cfg: Dict[str, Any], output: "str | Path", data_root: "str | Path", de
     augment = SegAugmentation(hflip=bool(aug_cfg.get("hflip", True)), vflip=bool(aug_cfg.get("vflip", True)),
                               rot90=bool(aug_cfg.get("rot90", True)),
                               rotate_degrees=float(aug_cfg.get("rotate_degrees", 0.0)),
-                              colour_jitter=float(aug_cfg.get("colour_jitter", 0.2)), hue=float(aug_cfg.get("hue", 0.0)))
+                              colour_jitter=float(aug_cfg.get("colour_jitter", 0.2)),
+                              hue=float(aug_cfg.get("hue", 0.0)))
 
     # --max-steps stops the run early on the full recipe's schedule, so that rerunning without it resumes the
     # same run rather than a differently scheduled one.
@@ -538,27 +542,27 @@ def evaluate_checkpoint(cfg: Dict[str, Any], checkpoint: "str | Path", output: "
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     amp_dtype, _ = resolve_precision(cfg["train"].get("precision", "auto"), device)
-    set_threads(cfg["train"].get("threads"), device, amp_dtype)
-    test_threshold = threshold_setting(cfg)
-    model, ckpt = load_checkpoint(checkpoint, cfg, device)
-    splits, _, val_samples = prepare_splits(cfg, data_root)
-    save_config(cfg, output / "config.yaml")
-    threshold_source = "config"
-    if test_threshold is None and ckpt.get("threshold") is not None:
-        test_threshold, threshold_source = float(ckpt["threshold"]), f"{checkpoint} (chosen on validation)"
-    elif test_threshold is None:
-        val_images = _load_all(val_samples, cfg, splits.fov_from_image)
-        test_threshold, _ = choose_threshold(model, val_images, cfg, device, amp_dtype)
-        threshold_source = "validation (max pooled Dice)"
-    t0 = time.time()
-    metrics = evaluate(model, splits.test, cfg, splits.fov_from_image, device, amp_dtype, test_threshold,
-                       overlays=output / "overlays")
-    extra = {"dataset": splits.dataset, "target": splits.target, "split": "test", "region": _region(splits),
-             "resolution": "original",
-             "checkpoint": str(checkpoint), "best_step": ckpt.get("step"), "encoder": ckpt.get("encoder"),
-             "threshold_source": threshold_source, "pooled_at_0.5": metrics.pooled_at(0.5),
-             "notes": splits.notes, "eval_seconds": round(time.time() - t0, 1)}
-    return write_metrics(output, metrics.summary(), extra)
+    with ThreadChooser(cfg["train"].get("threads"), device, amp_dtype):  # put back at the end
+        test_threshold = threshold_setting(cfg)
+        model, ckpt = load_checkpoint(checkpoint, cfg, device)
+        splits, _, val_samples = prepare_splits(cfg, data_root)
+        save_config(cfg, output / "config.yaml")
+        threshold_source = "config"
+        if test_threshold is None and ckpt.get("threshold") is not None:
+            test_threshold, threshold_source = float(ckpt["threshold"]), f"{checkpoint} (chosen on validation)"
+        elif test_threshold is None:
+            val_images = _load_all(val_samples, cfg, splits.fov_from_image)
+            test_threshold, _ = choose_threshold(model, val_images, cfg, device, amp_dtype)
+            threshold_source = "validation (max pooled Dice)"
+        t0 = time.time()
+        metrics = evaluate(model, splits.test, cfg, splits.fov_from_image, device, amp_dtype, test_threshold,
+                           overlays=output / "overlays")
+        extra = {"dataset": splits.dataset, "target": splits.target, "split": "test", "region": _region(splits),
+                 "resolution": "original",
+                 "checkpoint": str(checkpoint), "best_step": ckpt.get("step"), "encoder": ckpt.get("encoder"),
+                 "threshold_source": threshold_source, "pooled_at_0.5": metrics.pooled_at(0.5),
+                 "notes": splits.notes, "eval_seconds": round(time.time() - t0, 1)}
+        return write_metrics(output, metrics.summary(), extra)
 
 
 def predict_folder(checkpoint: "str | Path", images: "str | Path", output: "str | Path", cfg: Dict[str, Any],
@@ -574,24 +578,24 @@ def predict_folder(checkpoint: "str | Path", images: "str | Path", output: "str 
     if limit:
         files = files[: int(limit)]
     amp_dtype, _ = resolve_precision(cfg["train"].get("precision", "auto"), device)
-    set_threads(cfg["train"].get("threads"), device, amp_dtype)
-    threshold = threshold_setting(cfg)
-    model, ckpt = load_checkpoint(checkpoint, cfg, device)
-    model.eval()
-    channels = get_modality(cfg["modality"]).channels
-    if threshold is None:  # 'val': the one chosen on validation when the checkpoint was trained
-        threshold = float(ckpt.get("threshold", 0.5))
-        log.info("threshold %.2f (%s)", threshold, "chosen on validation, stored in the checkpoint"
-                 if ckpt.get("threshold") is not None else "the checkpoint stores none chosen on validation")
-    output = Path(output)
-    written = []
-    for path in files:
-        image = read_image(path, channels)
-        image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
-        prob = predict_probability(model, model_input(image, cfg["data"]), image.shape[:2], device, amp_dtype,
-                                   **_tta(cfg))
-        written.append(save_mask(output / f"{path.stem}.png", prob, threshold))
-        if probabilities:
-            save_mask(output / f"{path.stem}_prob.png", prob, probability=True)
-        log.info("%s -> %s (%.2f%% foreground)", path, written[-1], 100.0 * float((prob > threshold).mean()))
-    return written
+    with ThreadChooser(cfg["train"].get("threads"), device, amp_dtype):  # put back at the end
+        threshold = threshold_setting(cfg)
+        model, ckpt = load_checkpoint(checkpoint, cfg, device)
+        model.eval()
+        channels = get_modality(cfg["modality"]).channels
+        if threshold is None:  # 'val': the one chosen on validation when the checkpoint was trained
+            threshold = float(ckpt.get("threshold", 0.5))
+            log.info("threshold %.2f (%s)", threshold, "chosen on validation, stored in the checkpoint"
+                     if ckpt.get("threshold") is not None else "the checkpoint stores none chosen on validation")
+        output = Path(output)
+        written = []
+        for path in files:
+            image = read_image(path, channels)
+            image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+            prob = predict_probability(model, model_input(image, cfg["data"]), image.shape[:2], device, amp_dtype,
+                                       **_tta(cfg))
+            written.append(save_mask(output / f"{path.stem}.png", prob, threshold))
+            if probabilities:
+                save_mask(output / f"{path.stem}_prob.png", prob, probability=True)
+            log.info("%s -> %s (%.2f%% foreground)", path, written[-1], 100.0 * float((prob > threshold).mean()))
+        return written
