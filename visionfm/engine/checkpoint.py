@@ -77,8 +77,7 @@ def restart_from_checkpoint(path: "str | os.PathLike | Dict[str, Any]", run_vari
         if name not in ckpt:
             raise KeyError(f"{path}: checkpoint has no entry {name!r} (has: {', '.join(sorted(ckpt))})")
         if isinstance(obj, torch.nn.Module):
-            result = obj.load_state_dict(ckpt[name], strict=True)
-            del result
+            obj.load_state_dict(ckpt[name], strict=True)  # raises, listing missing and unexpected keys
         else:
             obj.load_state_dict(ckpt[name])
     if run_variables is not None:

@@ -296,7 +296,7 @@ class ClassificationExperiment:
             out = csv.writer(fh)
             out.writerow(["path", "group", "target", "prediction"] + [f"p_{c}" for c in self.task.class_names])
             for s, t, p, row in zip(test, targets.tolist(), preds.tolist(), test_probs.tolist()):
-                out.writerow([str(s.path), s.group or "", t, p] + [f"{v:.6f}" for v in row])
+                out.writerow([str(s.path), s.group or "", t, p] + [f"{v:.9g}" for v in row])  # float32 exactly: ties would change AUROC
         if self.cfg["output"].get("plots", True):
             title = f"{self.dataset_name} {summary['task']} ({self.mode}, test)"
             plot_confusion_matrix(summary["test"]["confusion_matrix"], self.task.class_names,

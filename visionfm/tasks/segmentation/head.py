@@ -69,7 +69,8 @@ class VisionFMUNETRHead(BaseDecodeHead):
         stem_channels = [int(c) for c in stem_channels]
         if len(stem_channels) < 2 or min(stem_channels) < 1:
             raise ValueError("stem_channels must give the image path's channels at full resolution, stride 2 and "
-                             f"optionally deeper strides (4, 8, ...), at least two positive values; got {stem_channels}")
+                             "optionally deeper strides (4, 8, ...), at least two positive values; "
+                             f"got {stem_channels}")
         conv = dict(conv_cfg=self.conv_cfg, norm_cfg=self.norm_cfg, act_cfg=self.act_cfg)
         image_channels, level_channels = self.in_channels[0], self.in_channels[1:]
         # Stage i of the image path runs at stride 2**i; a third stage (stride 4) gives the finest ViT level a
@@ -78,7 +79,8 @@ class VisionFMUNETRHead(BaseDecodeHead):
             _ConvBlock(image_channels if i == 0 else stem_channels[i - 1], c, 1 if i == 0 else 2, **conv)
             for i, c in enumerate(stem_channels))
         self.lateral = nn.ModuleList(
-            ConvModule(c, decoder_channels, 1, conv_cfg=self.conv_cfg, norm_cfg=fit_norm(self.norm_cfg, decoder_channels),
+            ConvModule(c, decoder_channels, 1, conv_cfg=self.conv_cfg,
+                       norm_cfg=fit_norm(self.norm_cfg, decoder_channels),
                        act_cfg=self.act_cfg) for c in level_channels)
         self.fuse_levels = nn.ModuleList(_ConvBlock(2 * decoder_channels, decoder_channels, 1, **conv)
                                          for _ in level_channels[:-1])

@@ -124,7 +124,8 @@ def _counts_at(pos: np.ndarray, neg: np.ndarray, thresholds: np.ndarray) -> Tupl
     return tp, fp, pos.sum() - tp, neg.sum() - fp
 
 
-def best_dice_threshold(pos: np.ndarray, neg: np.ndarray, candidates: Optional[np.ndarray] = None) -> Tuple[float, float]:
+def best_dice_threshold(pos: np.ndarray, neg: np.ndarray,
+                        candidates: Optional[np.ndarray] = None) -> Tuple[float, float]:
     """The candidate threshold (default 0.05 to 0.95 in steps of 0.01) with the highest pooled Dice, from
     probability histograms (see :func:`_counts_at`). Ties go to the candidate nearest 0.5.
 

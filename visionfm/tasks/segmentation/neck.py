@@ -60,8 +60,8 @@ class VisionFMPyramidNeck(BaseModule):
         self.rescale = nn.ModuleList(_rescale(c, s, norm_cfg) for c, s in zip(in_channels, scales))
         self.project = nn.ModuleList(
             nn.Sequential(ConvModule(c, out_channels, 1, norm_cfg=fit_norm(norm_cfg, out_channels), act_cfg=None),
-                          ConvModule(out_channels, out_channels, 3, padding=1, norm_cfg=fit_norm(norm_cfg, out_channels),
-                                     act_cfg=dict(type="GELU")))
+                          ConvModule(out_channels, out_channels, 3, padding=1,
+                                     norm_cfg=fit_norm(norm_cfg, out_channels), act_cfg=dict(type="GELU")))
             for c in in_channels)
 
     def forward(self, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:

@@ -51,7 +51,10 @@ def save_overlay(path: "str | Path", image: np.ndarray, truth: np.ndarray, prob:
 
 def save_mask(path: "str | Path", prob: np.ndarray, threshold: float = 0.5, probability: bool = False) -> Path:
     """Write a predicted mask as a 0/255 PNG, or the probability map scaled to 0..255."""
-    arr = (np.clip(prob, 0, 1) * 255 + 0.5).astype(np.uint8) if probability else (prob > threshold).astype(np.uint8) * 255
+    if probability:
+        arr = (np.clip(prob, 0, 1) * 255 + 0.5).astype(np.uint8)
+    else:
+        arr = (prob > threshold).astype(np.uint8) * 255
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
