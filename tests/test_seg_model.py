@@ -224,3 +224,26 @@ def test_tta_views_are_undone_exactly(encoder_file):
     np.testing.assert_allclose(mirrored, prob[:, ::-1], atol=1e-5)
     plain = predict_probability(model, image, (80, 112), cpu, None)
     assert np.abs(plain - prob).max() > 1e-4  # the views do change the answer of an untrained model
+
+
+def test_step_benchmark_prints_a_row_per_variant(capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "seg_step.py"
+    spec = importlib.util.spec_from_file_location("seg_step_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads_before = torch.get_num_threads()
+    tiny = ["--set", "data.crop_size=64", "--set", "optim.batch_size=2", "--set", "model.pyramid_channels=16",
+            "--set", "model.blocks=[1,3,5,11]", "--set", "model.stem_channels=[8,16]"]
+    rc = bench.main([*tiny, "--compare", "model.stem_channels=[8,16,32]", "--compare", "model.freeze_encoder=true",
+                     "--repeats", "1", "--threads", "1"])
+    assert rc == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {"base", "model.stem_channels=[8,16,32]", "model.freeze_encoder=true"}
+    assert rows["base"][-1] == "1.00x"
+    # a deeper image path adds parameters; freezing the encoder removes none
+    assert float(rows["model.stem_channels=[8,16,32]"][1]) > float(rows["base"][1])
+    assert rows["model.freeze_encoder=true"][1] == rows["base"][1]
+    assert all(float(v) > 0 for row in rows.values() for v in row[2:5])
+    assert torch.get_num_threads() == threads_before
