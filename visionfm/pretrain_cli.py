@@ -13,7 +13,7 @@ from .cli import add_common_arguments
 from .config import CONFIG_DIR, ConfigError, build_config
 from .modalities import MODALITIES, UnknownModalityError, get_modality
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "prepare_named_source"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder tree of images (png/jpg/tif/bmp, 8/16-bit, grey or colour), a CSV with a "
                              "'path' column, or named training splits under --data-root such as "
                              "DRIVE:train,IDRiD:train,OCT_DME:train; default: built-in synthetic images")
+    parser.add_argument("--objective", choices=["dino", "ibot"], default=None,
+                        help="dino: self-distillation of the class token; ibot: DINO plus self-distillation of "
+                             "masked patch tokens (VisionFM's objective; settings under ibot.* in the config). "
+                             "Default: the config's (dino). MAE has its own command, pretrain/mae.py")
     parser.add_argument("--arch", default=None, help="vit_tiny, vit_small, vit_base or vit_large")
     parser.add_argument("--patch-size", type=int, default=None, help="ViT patch size: 16, 14 or 8")
     parser.add_argument("--img-size", type=int, default=None, help="global crop size in pixels")
@@ -62,7 +66,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     flags = {
-        "modality": modality.name, "data.source": args.data, "data.limit": args.limit,
+        "modality": modality.name, "objective": args.objective, "data.source": args.data, "data.limit": args.limit,
         "data.skip_corrupt": args.skip_corrupt, "model.arch": args.arch, "model.patch_size": args.patch_size,
         "crops.global_size": args.img_size, "crops.local_number": args.local_crops, "crops.local_size": args.local_size,
         "head.out_dim": args.out_dim, "optim.epochs": args.epochs, "optim.batch_size": args.batch_size,
@@ -75,23 +79,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # Imported here so that --help and config errors answer without loading torch.
-    from .cli import resolve_data_root
     from .data.io import ImageReadError
-    from .data.sources import is_named_source, resolve_named_source, write_source_csv
     from .data.unlabeled import DataError
+    from .engine.dino_trainer import check_crop_sizes, check_objective
 
-    source = cfg["data"].get("source")
-    if source and is_named_source(source):
-        # Named sources become an explicit file list in the run folder: a record of what was seen.
-        try:
-            files = resolve_named_source(source, resolve_data_root(args.data_root), modality.name)
-        except DataError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        cfg["data"]["source_spec"] = source
-        cfg["data"]["source"] = str(write_source_csv(files, Path(args.output) / "pretrain_images.csv"))
-        if not cfg["export"].get("data_description"):
-            cfg["export"]["data_description"] = f"{len(files)} images: {source} (training splits only)"
+    try:  # settings that would fail later are refused before anything is written
+        check_objective(cfg)
+        check_crop_sizes(cfg)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        prepare_named_source(cfg, args.data_root, args.output, modality.name)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     from .engine.dino_trainer import DINOTrainer, NonFiniteLossError, export_only
 
     try:
@@ -107,3 +109,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     if (out / "encoder.safetensors").is_file():
         print(f"encoder: {out / 'encoder.safetensors'}")
     return 0
+
+
+def prepare_named_source(cfg: dict, data_root: Optional[str], output: "str | Path", modality: str) -> None:
+    """Turn a named source in ``cfg["data"]["source"]`` (training splits under the data root, such as
+    ``DRIVE:train,OCT_DME:train``) into an explicit file list, ``<output>/pretrain_images.csv`` (a record of what
+    was seen), keeping the spelling in ``data.source_spec`` and describing it in ``export.data_description`` unless
+    one is set. A folder, a CSV or no source is left as it is.
+
+    Raises:
+        visionfm.data.unlabeled.DataError: an unknown name, or a dataset missing under the data root.
+    """
+    from .cli import resolve_data_root
+    from .data.sources import is_named_source, resolve_named_source, write_source_csv
+
+    source = cfg["data"].get("source")
+    if not source or not is_named_source(source):
+        return
+    files = resolve_named_source(source, resolve_data_root(data_root), modality)
+    cfg["data"]["source_spec"] = source
+    cfg["data"]["source"] = str(write_source_csv(files, Path(output) / "pretrain_images.csv"))
+    if not cfg["export"].get("data_description"):
+        cfg["export"]["data_description"] = f"{len(files)} images: {source} (training splits only)"

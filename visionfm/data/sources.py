@@ -18,12 +18,20 @@ from .unlabeled import DataError
 __all__ = ["SOURCES", "is_named_source", "resolve_named_source", "write_source_csv"]
 
 
-def _glob(folder: str, what: str) -> Callable[[Path, str], List[Path]]:
-    def find(root: Path, _modality: str) -> List[Path]:
+def _glob(folder: str, what: str, modality: "str | None" = None,
+          recursive: bool = False) -> Callable[[Path, str], List[Path]]:
+    """A source made of the images in ``folder`` (with ``recursive``, its whole tree, e.g. ImageFolder class
+    folders whose labels pretraining ignores); ``modality`` guards against pretraining one modality on another's
+    images."""
+    def find(root: Path, requested: str) -> List[Path]:
+        if modality is not None and requested != modality:
+            raise DataError(f"{what} holds {get_modality(modality).description} images, not {requested}: use it "
+                            f"with --modality {modality}")
         base = root / folder
         if not base.is_dir():
             raise DataError(f"{what}: folder {base} not found (put the dataset under the data root, or pass --data-root)")
-        files = sorted(p for p in base.iterdir() if p.is_file() and is_image_file(p))
+        found = base.rglob("*") if recursive else base.iterdir()
+        files = sorted(p for p in found if p.is_file() and is_image_file(p))
         if not files:
             raise DataError(f"{what}: no images in {base}")
         return files
@@ -44,6 +52,11 @@ SOURCES: Dict[str, Callable[[Path, str], List[Path]]] = {
     "IDRiD:train": _glob("IDRiD/A. Segmentation/1. Original Images/a. Training Set", "IDRiD:train"),
     "OCT_DME:train": _oct_dme("train"),
     "OCT_DME:val": _oct_dme("val"),
+    # The unlabelled pretraining corpus (see <data root>/pretrain/README.md): the EyeDisease4 training images (its
+    # class folders are ignored; its test split is held back) and the TVHL patients who are not in OCT_DME.
+    "EyeDisease4:train": _glob("EyeDisease4/train", "EyeDisease4:train", modality="cfp", recursive=True),
+    "TVHL:cfp": _glob("pretrain/cfp/TVHL-other-patients", "TVHL:cfp", modality="cfp"),
+    "TVHL:oct": _glob("pretrain/oct/TVHL-other-patients", "TVHL:oct", modality="oct"),
 }
 
 

@@ -6,7 +6,7 @@ import csv
 import logging
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from ..modalities import Modality, get_modality
 from .io import ImageReadError, check_image, is_image_file, read_image
 
-__all__ = ["DataError", "list_images", "square_and_resize", "UnlabeledImages"]
+__all__ = ["DataError", "list_images", "parse_size", "fit_and_resize", "square_and_resize", "UnlabeledImages"]
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +56,51 @@ def list_images(source: "str | os.PathLike", limit: Optional[int] = None) -> Lis
     return files[:limit] if limit else files
 
 
-def square_and_resize(image: np.ndarray, size: int, mode: str = "center") -> np.ndarray:
-    """Make an ``(H, W, C)`` uint8 image square (``center``: central square; ``stretch``: whole frame) and
-    resize it to ``size`` x ``size`` with antialiasing."""
+def parse_size(size: "int | Sequence[int]") -> Tuple[int, int]:
+    """``(height, width)`` from a side length or a ``[height, width]`` pair."""
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2:
+            raise ValueError(f"an image size is one side length or [height, width], got {list(size)}")
+        h, w = (int(v) for v in size)
+    else:
+        h = w = int(size)
+    if h < 1 or w < 1:
+        raise ValueError(f"image size must be positive, got {size}")
+    return h, w
+
+
+def fit_and_resize(image: np.ndarray, size: "int | Sequence[int]", mode: str = "center") -> np.ndarray:
+    """Bring an ``(H, W, C)`` uint8 image to ``size`` (a side length or ``[height, width]``) with antialiasing.
+
+    ``center`` keeps the largest central region of the target's aspect ratio (fundus: the circular field of view,
+    no distortion); ``stretch`` resizes the whole frame (B-scans, whose edges carry retina; give a ``[height,
+    width]`` close to the scans' own aspect, such as 256 x 640 for 1408 x 573 scans, so nothing is squashed)."""
+    th, tw = parse_size(size)
     h, w = image.shape[:2]
-    if mode == "center" and h != w:
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        image = image[top:top + side, left:left + side]
+    if mode == "center" and h * tw != w * th:
+        if w * th > h * tw:  # too wide: keep the full height
+            cw = max(1, int(round(h * tw / th)))
+            left = (w - cw) // 2
+            image = image[:, left:left + cw]
+        else:
+            ch = max(1, int(round(w * th / tw)))
+            top = (h - ch) // 2
+            image = image[top:top + ch]
     elif mode not in ("center", "stretch"):
         raise ValueError(f"unknown square mode {mode!r}")
     pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
-    out = np.asarray(pil.resize((size, size), Image.BICUBIC))
+    out = np.asarray(pil.resize((tw, th), Image.BICUBIC))
     return out[:, :, None] if out.ndim == 2 else out
 
 
+def square_and_resize(image: np.ndarray, size: int, mode: str = "center") -> np.ndarray:
+    """Make an ``(H, W, C)`` uint8 image square (``center``: central square; ``stretch``: whole frame) and
+    resize it to ``size`` x ``size`` with antialiasing."""
+    return fit_and_resize(image, int(size), mode)
+
+
 class UnlabeledImages(Dataset):
-    """Images for self-supervised pretraining, returned as ``uint8`` tensors ``(C, size, size)``.
+    """Images for self-supervised pretraining, returned as ``uint8`` tensors ``(C, height, width)``.
 
     Every file is checked when the dataset is built, so a corrupt file fails the run before training starts
     (or, with ``skip_corrupt``, is left out and counted in the log).
@@ -80,16 +108,18 @@ class UnlabeledImages(Dataset):
     Args:
         files: Image paths.
         modality: Decides grey/colour reading and how non-square frames are squared.
-        size: Side length images are stored at; crops are taken from this.
+        size: Side length, or ``[height, width]``, images are stored at; crops are taken from this (keep it large
+            enough to hold the detail crops should see: a fundus at 512 px or more, B-scans near their own aspect).
         skip_corrupt: Leave unreadable files out instead of failing.
         cache: Decode each file once and keep the resized image in memory (right for the small datasets of
             ophthalmology; turn off for very large collections and use loader workers instead).
     """
 
-    def __init__(self, files: Sequence["str | os.PathLike"], modality: "Modality | str", size: int,
+    def __init__(self, files: Sequence["str | os.PathLike"], modality: "Modality | str", size: "int | Sequence[int]",
                  skip_corrupt: bool = False, cache: bool = True) -> None:
         self.modality = get_modality(modality)
-        self.size = int(size)
+        self.height, self.width = parse_size(size)
+        self.size = self.height if self.height == self.width else (self.height, self.width)
         good, bad = [], []
         for f in files:
             try:
@@ -106,12 +136,19 @@ class UnlabeledImages(Dataset):
         self.files = good
         self.skipped = bad
         self._cache: Optional[List[torch.Tensor]] = None
+        per_image = self.height * self.width * self.modality.channels
         if cache:
+            log.info("decoding %d images once into memory at %dx%d (%d channel(s), uint8): %.0f KiB each, %.1f MiB "
+                     "in all", len(self.files), self.height, self.width, self.modality.channels, per_image / 1024,
+                     per_image * len(self.files) / 2 ** 20)
             self._cache = [self._load(i) for i in range(len(self.files))]
+        else:
+            log.info("images are decoded at every step at %dx%d (%.0f KiB each; data.cache is off)", self.height,
+                     self.width, per_image / 1024)
 
     def _load(self, index: int) -> torch.Tensor:
-        image = read_image(self.files[index], channels=self.modality.channels, min_size=self.size)
-        image = square_and_resize(image, self.size, self.modality.augment.square_crop)
+        image = read_image(self.files[index], channels=self.modality.channels, min_size=max(self.height, self.width))
+        image = fit_and_resize(image, (self.height, self.width), self.modality.augment.square_crop)
         return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).contiguous()
 
     def __len__(self) -> int:

@@ -3,14 +3,16 @@ checkpoints (atomic, every epoch and on SIGTERM/SIGINT, automatic resume) and ex
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -18,20 +20,89 @@ from tqdm import tqdm
 from ..config import check_resumable, save_config
 from ..data.augment import MultiCropAugmentation
 from ..data.synthetic import SyntheticImages
-from ..data.unlabeled import UnlabeledImages, list_images
-from ..modalities import get_modality
+from ..data.unlabeled import UnlabeledImages, list_images, parse_size
+from ..modalities import AugmentationRecipe, Modality, get_modality
 from ..models.vit import create_encoder, set_fused_attention
 from ..objectives.dino import DINOLoss, DINOModel, DINOSchedules, collapse_monitors
+from ..objectives.ibot import IBOTLoss, IBOTModel, MaskConfig, sample_masks
 from ..weights.export import save_encoder, update_index
 from .checkpoint import atomic_save, restart_from_checkpoint, safe_load
 from .distributed import DistInfo, barrier, init_distributed
 from .precision import autocast, resolve_precision
 from .threads import ThreadChooser, fastest_cpu_threads
 
-__all__ = ["NonFiniteLossError", "DINOTrainer", "param_groups", "make_adamw", "fastest_cpu_threads", "step_seed"]
+__all__ = ["OBJECTIVES", "NonFiniteLossError", "DINOTrainer", "param_groups", "make_adamw", "fastest_cpu_threads", "step_seed"]
 
 log = logging.getLogger("visionfm.dino")
 CHECKPOINT_NAME = "checkpoint.pt"
+#: Objectives of ``pretrain/dino.py`` (MAE has its own command, ``pretrain/mae.py``).
+OBJECTIVES = ("dino", "ibot")
+
+
+def check_objective(cfg: Dict[str, Any]) -> str:
+    """The config's ``objective`` (``dino`` or ``ibot``), checked before anything is built or written.
+
+    Raises:
+        ValueError: an unknown objective, or iBOT mask settings out of range.
+    """
+    objective = str(cfg.get("objective") or "dino").lower()
+    if objective not in OBJECTIVES:
+        hint = " (MAE has its own command: pretrain/mae.py)" if objective == "mae" else ""
+        raise ValueError(f"unknown objective {cfg.get('objective')!r}: choose one of {', '.join(OBJECTIVES)}{hint}")
+    if objective == "ibot":
+        mask_config(cfg)
+    return objective
+
+
+def augmented_modality(modality: Modality, overrides: Optional[Dict[str, Any]]) -> Modality:
+    """``modality`` with the config's ``augment`` settings (the non-null ones) in place of its own recipe.
+
+    Why: invariances the crops teach are features the encoder drops. A recipe that blurs and recolours every crop
+    teaches invariance to haze and colour, which in a fundus photograph are signs of disease (cataract, exudates).
+    """
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    known = {f.name for f in dataclasses.fields(AugmentationRecipe)} - {"hflip", "vflip", "fov_crops", "square_crop"}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown augment setting(s) {unknown}; known: {sorted(known)}")
+    if not given:
+        return modality
+    return dataclasses.replace(modality, augment=dataclasses.replace(modality.augment, **given))
+
+
+def check_crop_sizes(cfg: Dict[str, Any]) -> Tuple[int, int]:
+    """The ``(height, width)`` images are cached at (``data.load_size``: a side, ``[height, width]``, or null for
+    1.15 x the global crop), checked against the crop sizes.
+
+    Raises:
+        ValueError: a crop larger than the cached image (it would only be upsampled), or a scale range outside
+            (0, 1].
+    """
+    crops = cfg["crops"]
+    load = cfg["data"].get("load_size") or int(round(int(crops["global_size"]) * 1.15))
+    height, width = parse_size(load)
+    for name in ("global", "local"):
+        if f"{name}_size" not in crops:  # MAE has global-size views only
+            continue
+        size = int(crops[f"{name}_size"])
+        if size > min(height, width):
+            raise ValueError(f"crops.{name}_size {size} is larger than the cached image (data.load_size {height}x"
+                             f"{width}): crops would only be upsampled; raise data.load_size or lower the crop size")
+        lo, hi = (float(v) for v in crops[f"{name}_scale"])
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"crops.{name}_scale must be a range [low, high] with 0 < low <= high <= 1, got "
+                             f"{crops[f'{name}_scale']}")
+    return height, width
+
+
+def mask_config(cfg: Dict[str, Any]) -> MaskConfig:
+    """The ``ibot`` section's masking settings (validated)."""
+    ibot = cfg.get("ibot") or {}
+    ratio = ibot.get("mask_ratio", [0.1, 0.5])
+    if not isinstance(ratio, (list, tuple)) or len(ratio) != 2:
+        raise ValueError(f"ibot.mask_ratio must be a range [low, high], got {ratio!r}")
+    return MaskConfig(probability=float(ibot.get("mask_probability", 0.5)), ratio=(float(ratio[0]), float(ratio[1])),
+                      min_block=int(ibot.get("min_block", 4)))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -39,23 +110,24 @@ class NonFiniteLossError(RuntimeError):
 
 
 def param_groups(model: torch.nn.Module) -> List[Dict[str, Any]]:
-    """Two groups as in DINO: weights with decay; biases and norm parameters (1-D tensors) without."""
+    """Two groups as in DINO: weights with decay; biases, norm parameters (1-D tensors) and iBOT's mask token
+    without."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name.endswith("mask_token") else decay).append(p)
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
 
 
-def make_adamw(groups: List[Dict[str, Any]]) -> torch.optim.AdamW:
+def make_adamw(groups: List[Dict[str, Any]], betas: Tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
     """AdamW with the fused kernel (one pass over each tensor for the whole update, on CUDA and, since torch 2.4,
     on the CPU: about 4x faster than ``foreach`` on the ~20M-parameter DINO head), ``foreach`` where the fused
-    kernel is not available."""
+    kernel is not available. ``betas``: torch's default for DINO, ``(0.9, 0.95)`` for MAE."""
     try:
-        return torch.optim.AdamW(groups, lr=0.0, fused=True)
+        return torch.optim.AdamW(groups, lr=0.0, betas=betas, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(groups, lr=0.0, foreach=True)
+        return torch.optim.AdamW(groups, lr=0.0, betas=betas, foreach=True)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -75,6 +147,8 @@ class DINOTrainer:
     def __init__(self, cfg: Dict[str, Any], output: "str | Path") -> None:
         self.cfg = cfg
         self.output = Path(output)
+        self.objective = self._check_objective(cfg)
+        cfg["objective"] = self.objective
         self.modality = get_modality(cfg["modality"])
         cfg["modality"] = self.modality.name
         train = cfg["train"]
@@ -93,26 +167,37 @@ class DINOTrainer:
         self._stop_signal: Optional[int] = None
 
     # ----------------------------------------------------------------------------------------- setup
+    def _check_objective(self, cfg: Dict[str, Any]) -> str:
+        """Check the objective's settings before anything is built; returns the objective's name (a hook for
+        trainers of other objectives, e.g. :class:`visionfm.engine.mae_trainer.MAETrainer`)."""
+        return check_objective(cfg)
+
+    def _build_augmentation(self) -> torch.nn.Module:
+        """The batched augmentation on the training device: DINO's multi-crop (global and local views)."""
+        crops = self.cfg["crops"]
+        return MultiCropAugmentation(augmented_modality(self.modality, self.cfg.get("augment")), crops["global_size"],
+                                     crops["local_size"], crops["local_number"], crops["global_scale"],
+                                     crops["local_scale"]).to(self.device)
+
     def _build_data(self) -> None:
         cfg, data = self.cfg, self.cfg["data"]
-        crops = cfg["crops"]
-        load_size = data.get("load_size") or int(round(crops["global_size"] * 1.15))
+        self.load_size = check_crop_sizes(cfg)
         if data.get("source"):
             files = list_images(data["source"], limit=data.get("limit"))
-            self.dataset = UnlabeledImages(files, self.modality, load_size, skip_corrupt=bool(data.get("skip_corrupt")),
+            self.dataset = UnlabeledImages(files, self.modality, self.load_size,
+                                           skip_corrupt=bool(data.get("skip_corrupt")),
                                            cache=bool(data.get("cache", True)))
         else:
             count = data.get("synthetic_count", 64)
             if data.get("limit"):
                 count = min(count, int(data["limit"]))
-            self.dataset = SyntheticImages(self.modality, count=count, size=load_size, seed=self.seed)
+            side = min(self.load_size)  # the procedural images are square
+            self.dataset = SyntheticImages(self.modality, count=count, size=side, seed=self.seed)
         self.data_description = self.cfg["export"].get("data_description") or self.dataset.describe()
         self.sampler = self._make_sampler()
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=int(data.get("num_workers", 0)),
                                  pin_memory=self.device.type == "cuda", persistent_workers=False)
-        self.augment = MultiCropAugmentation(self.modality, crops["global_size"], crops["local_size"],
-                                             crops["local_number"], crops["global_scale"],
-                                             crops["local_scale"]).to(self.device)
+        self.augment = self._build_augmentation()
 
     def _make_sampler(self):
         from .sampler import EpochBatchSampler
@@ -134,15 +219,29 @@ class DINOTrainer:
             # about a third more compute for far less activation memory, for large models on GPUs.
             encoder.set_grad_checkpointing(True)
         head = cfg["head"]
-        self.model = DINOModel(encoder, encoder.embed_dim, head["out_dim"], head["hidden_dim"], head["bottleneck_dim"],
-                               head["norm_last_layer"], head["freeze_last_layer_epochs"]).to(self.device)
+        dino = cfg["dino"]
+        if self.objective == "ibot":
+            ibot = cfg.get("ibot") or {}
+            self.mask_config = mask_config(cfg)
+            self.model = IBOTModel(encoder, encoder.embed_dim, head["out_dim"], head["hidden_dim"],
+                                   head["bottleneck_dim"], head["norm_last_layer"], head["freeze_last_layer_epochs"],
+                                   shared_head=bool(ibot.get("shared_head", True)),
+                                   patch_out_dim=int(ibot.get("patch_out_dim") or head["out_dim"])).to(self.device)
+            self.loss_fn = IBOTLoss(head["out_dim"], self.model.patch_out_dim, student_temp=dino["student_temp"],
+                                    center_momentum=dino["center_momentum"],
+                                    cls_weight=float(ibot.get("cls_weight", 1.0)),
+                                    patch_weight=float(ibot.get("patch_weight", 1.0)),
+                                    koleo_weight=float(ibot.get("koleo_weight", 0.0))).to(self.device)
+        else:
+            self.model = DINOModel(encoder, encoder.embed_dim, head["out_dim"], head["hidden_dim"],
+                                   head["bottleneck_dim"], head["norm_last_layer"],
+                                   head["freeze_last_layer_epochs"]).to(self.device)
+            self.loss_fn = DINOLoss(head["out_dim"], student_temp=dino["student_temp"],
+                                    center_momentum=dino["center_momentum"]).to(self.device)
         self.student: torch.nn.Module = self.model.student
         if self.dist.enabled:
             self.student = DistributedDataParallel(self.model.student,
                                                    device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        dino = cfg["dino"]
-        self.loss_fn = DINOLoss(head["out_dim"], student_temp=dino["student_temp"],
-                                center_momentum=dino["center_momentum"]).to(self.device)
         self.optimizer = make_adamw(param_groups(self.model.student))
         optim = cfg["optim"]
         self.epochs = int(optim["epochs"])
@@ -223,12 +322,16 @@ class DINOTrainer:
             if group["apply_wd"]:
                 group["weight_decay"] = float(s.weight_decay[global_step])
         teacher_temp = float(s.teacher_temp[global_step])
-        with autocast(self.device, self.amp_dtype):
-            with torch.no_grad():
-                teacher_out = self.model.teacher(global_views, stack=True)
-            student_out = self.student(global_views + local_views, stack=True)
-        # (views, batch, K) outputs straight from the head; the loss computes in fp32
-        loss = self.loss_fn(teacher_out, student_out, teacher_temp=teacher_temp)
+        extra: Dict[str, Tensor] = {}
+        if self.objective == "ibot":
+            loss, teacher_out, extra = self._ibot_loss(global_views, local_views, global_step, teacher_temp)
+        else:
+            with autocast(self.device, self.amp_dtype):
+                with torch.no_grad():
+                    teacher_out = self.model.teacher(global_views, stack=True)
+                student_out = self.student(global_views + local_views, stack=True)
+            # (views, batch, K) outputs straight from the head; the loss computes in fp32
+            loss = self.loss_fn(teacher_out, student_out, teacher_temp=teacher_temp)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at global step {global_step} (epoch {epoch}); stopping. The last good "
@@ -265,9 +368,35 @@ class DINOTrainer:
                  "momentum": float(s.momentum[global_step]), "teacher_temp": teacher_temp}
         if grad_norm is not None:
             stats["grad_norm"] = float(grad_norm)
+        stats.update({k: float(v) for k, v in extra.items()})
         if global_step % int(self.cfg["train"].get("log_every", 10)) == 0:
-            stats.update(collapse_monitors(teacher_out, self.loss_fn.center, teacher_temp))
+            center = self.loss_fn.cls_loss.center if self.objective == "ibot" else self.loss_fn.center
+            stats.update(collapse_monitors(teacher_out, center, teacher_temp))
         return stats
+
+    def _ibot_loss(self, global_views: List[Tensor], local_views: List[Tensor], global_step: int,
+                   teacher_temp: float):
+        """iBOT's forward passes and loss: block masks for the student's global views (a function of the step's
+        seed), teacher on the unmasked global views, student on the masked global and the local views."""
+        patch = int(self.cfg["model"]["patch_size"])
+        height, width = global_views[0].shape[-2:]
+        masks = sample_masks(len(global_views) * global_views[0].shape[0], (height // patch, width // patch),
+                             self.mask_config, step_seed(self.seed, global_step, self.dist.rank))
+        masks = masks.to(self.device, non_blocking=True)
+        temp = (self.cfg.get("ibot") or {}).get("teacher_temp")
+        with autocast(self.device, self.amp_dtype):
+            with torch.no_grad():
+                teacher = self.model.teacher(global_views, (), masks=None, patch_positions=masks)
+            student = self.student(global_views, local_views, masks=masks)
+        loss, terms = self.loss_fn(teacher, student, masks, teacher_temp,
+                                   patch_teacher_temp=None if temp is None else float(temp))
+        terms["masked_fraction"] = masks.float().mean()
+        return loss, teacher.cls, terms
+
+    def _set_train_mode(self) -> None:
+        """Training mode for the student; the teacher stays in evaluation mode."""
+        self.model.train()
+        self.model.teacher.eval()
 
     def train(self) -> Dict[str, Any]:
         """Run (or resume) the whole pretraining and export the teacher backbone. Returns a summary."""
@@ -289,6 +418,10 @@ class DINOTrainer:
         max_steps = self.cfg["train"].get("max_steps")
         total_steps = len(self.schedules) if not max_steps else min(len(self.schedules), int(max_steps))
         every = self.cfg["train"].get("checkpoint_every_steps")
+        # A wall-clock budget for this invocation (a lent GPU's minutes, a screening run): the run stops after the
+        # step that crosses it, checkpoints and exports, like --max-steps; rerunning continues the schedule.
+        max_seconds = self.cfg["train"].get("max_seconds")
+        out_of_time = False
         old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         global_step, epoch = position["global_step"], position["epoch"]
         stats: Dict[str, float] = {}
@@ -297,9 +430,8 @@ class DINOTrainer:
         wait_total = busy_total = 0.0
         wait_fractions: List[float] = []
         try:
-            self.model.train()
-            self.model.teacher.eval()
-            while epoch < self.epochs and global_step < total_steps:
+            self._set_train_mode()
+            while epoch < self.epochs and global_step < total_steps and not out_of_time:
                 start = position["step_in_epoch"] if epoch == position["epoch"] else 0
                 self.sampler.set_epoch(epoch, start)
                 bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.is_main,
@@ -327,7 +459,8 @@ class DINOTrainer:
                     if writer is not None:
                         for key, value in stats.items():
                             writer.add_scalar(f"train/{key}", value, global_step)
-                    done = global_step >= total_steps
+                    out_of_time = bool(max_seconds) and time.perf_counter() - start_time >= float(max_seconds)
+                    done = global_step >= total_steps or out_of_time
                     if self._stop_signal is not None or (every and global_step % int(every) == 0 and not done):
                         self.save_checkpoint(epoch, step_in_epoch, global_step)
                     if self._stop_signal is not None:
@@ -365,17 +498,35 @@ class DINOTrainer:
         return {"format": "visionfm-encoder/1", "modality": self.modality.name, "arch": cfg["model"]["arch"].split("_patch")[0],
                 "patch_size": int(cfg["model"]["patch_size"]), "img_size": int(cfg["crops"]["global_size"]),
                 "embed_dim": int(self.embed_dim), "mean": list(self.modality.mean), "std": list(self.modality.std),
-                "steps": int(global_step), "objective": "dino", "data": self.data_description,
+                "steps": int(global_step), "objective": self.objective, "data": self.data_description,
+                "crops": self.crop_scheme(),
                 "timm_class": "timm.models.vision_transformer.VisionTransformer"}
+
+    def crop_scheme(self) -> Dict[str, Any]:
+        """What the encoder's crops were cut from and how (recorded in the exported metadata)."""
+        crops = self.cfg["crops"]
+        recipe = augmented_modality(self.modality, self.cfg.get("augment")).augment
+        scheme = {"cached_size": list(check_crop_sizes(self.cfg)), "augment": dataclasses.asdict(recipe), "global_size": int(crops["global_size"]),
+                  "global_scale": [float(v) for v in crops["global_scale"]], "local_number": int(crops["local_number"]),
+                  "local_size": int(crops["local_size"]), "local_scale": [float(v) for v in crops["local_scale"]]}
+        if self.objective == "ibot":
+            ibot = self.cfg.get("ibot") or {}
+            scheme["ibot"] = {k: ibot.get(k) for k in ("mask_probability", "mask_ratio", "shared_head", "cls_weight",
+                                                       "patch_weight", "koleo_weight")}
+        return scheme
+
+    def encoder_state_dict(self) -> Dict[str, Tensor]:
+        """What is exported: the teacher's backbone (a timm ViT ``state_dict``)."""
+        return self.model.teacher.backbone.state_dict()
 
     def export(self, global_step: int) -> Path:
         """Write the teacher backbone to ``<output>/encoder.safetensors`` (fp32) and, with ``export.to``, to
         ``<dir>/<modality>_<arch>.safetensors`` (fp16) with an index entry."""
-        state = self.model.teacher.backbone.state_dict()
+        state = self.encoder_state_dict()
         meta = self.export_metadata(global_step)
         path = self.output / "encoder.safetensors"
         save_encoder(state, path, meta)
-        log.info("exported teacher encoder to %s", path)
+        log.info("exported the %s encoder to %s", meta.get("objective", "pretrained"), path)
         target_dir = self.cfg["export"].get("to")
         if target_dir:
             name = f"{meta['modality']}_{meta['arch']}.safetensors"
@@ -385,9 +536,10 @@ class DINOTrainer:
         return path
 
 
-def export_only(cfg: Dict[str, Any], output: "str | Path") -> Path:
-    """Export the teacher of an existing run folder's checkpoint without training (``--export``)."""
-    trainer = DINOTrainer(cfg, output)
+def export_only(cfg: Dict[str, Any], output: "str | Path", trainer_cls: "type | None" = None) -> Path:
+    """Export the encoder of an existing run folder's checkpoint without training (``--export``); ``trainer_cls``:
+    the trainer of the run's objective (default :class:`DINOTrainer`)."""
+    trainer = (trainer_cls or DINOTrainer)(cfg, output)
     trainer._build_data()
     trainer._build_model()
     position = trainer._maybe_resume()
