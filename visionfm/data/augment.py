@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..modalities import Modality, get_modality
 
-__all__ = ["sample_crop_boxes", "ViewAugmentation", "MultiCropAugmentation"]
+__all__ = ["sample_crop_boxes", "ViewAugmentation", "MultiCropAugmentation", "MAEAugmentation"]
 
 
 def sample_crop_boxes(batch: int, height: int, width: int, scale: Tuple[float, float],
@@ -69,10 +69,11 @@ class ViewAugmentation(nn.Module):
         scale: Crop area range.
         blur_p: Probability of Gaussian blur.
         solarize_p: Probability of solarisation (ignored for grey modalities).
+        colour: Apply the modality's colour jitter and random greyscale (MAE's view has neither).
     """
 
     def __init__(self, modality: "Modality | str", size: int, scale: Tuple[float, float],
-                 blur_p: float = 0.5, solarize_p: float = 0.0) -> None:
+                 blur_p: float = 0.5, solarize_p: float = 0.0, colour: bool = True) -> None:
         super().__init__()
         self.modality = get_modality(modality)
         recipe = self.modality.augment
@@ -85,13 +86,13 @@ class ViewAugmentation(nn.Module):
         if recipe.vflip:
             geometric.append(K.RandomVerticalFlip())
         photometric: List[nn.Module] = []
-        s = recipe.colour_jitter
+        s = recipe.colour_jitter if colour else 0.0
         if s > 0:
             if self.modality.is_grey:
                 photometric.append(K.ColorJitter(brightness=s, contrast=s, p=0.8))
             else:
                 photometric.append(K.ColorJitter(brightness=s, contrast=s, saturation=s / 2, hue=recipe.hue, p=0.8))
-        if recipe.grayscale_p > 0 and not self.modality.is_grey:
+        if colour and recipe.grayscale_p > 0 and not self.modality.is_grey:
             photometric.append(K.RandomGrayscale(p=recipe.grayscale_p))
         if blur_p * recipe.blur > 0:
             kernel = max(3, int(0.1 * self.size) // 2 * 2 + 1)
@@ -144,3 +145,29 @@ class MultiCropAugmentation(nn.Module):
         global_views = [self.global_1(images), self.global_2(images)]
         local_views = [self.local(images) for _ in range(self.n_local)]
         return global_views, local_views
+
+
+class MAEAugmentation(nn.Module):
+    """MAE's single view per image: a random resized crop (area scale ``(0.2, 1.0)`` by default, aspect ratio 3/4 to
+    4/3, crop centres kept inside the field of view for fundus-like modalities) and the modality's flips, then
+    normalisation. No colour jitter, greyscale, blur or solarisation: MAE and RETFound pretrain with crops and flips
+    only (the reconstruction target is the image itself). It is :class:`ViewAugmentation` with its photometric
+    changes off.
+
+    Returns one tensor ``(B, 3, size, size)``.
+
+    Example:
+        >>> aug = MAEAugmentation("oct", size=32)
+        >>> tuple(aug(torch.randint(0, 255, (4, 1, 40, 40), dtype=torch.uint8)).shape)
+        (4, 3, 32, 32)
+    """
+
+    def __init__(self, modality: "Modality | str", size: int = 224, scale: Sequence[float] = (0.2, 1.0)) -> None:
+        super().__init__()
+        self.view = ViewAugmentation(modality, size, tuple(scale), blur_p=0.0, solarize_p=0.0, colour=False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """``images``: ``uint8`` ``(B, C, H, W)`` (or float in ``[0, 1]``)."""
+        images = images.float().div_(255.0) if images.dtype == torch.uint8 else images
+        return self.view(images)

@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""MAE (masked autoencoder) pretraining of a per-modality ViT encoder. See ``--help``; the logic is in
+``visionfm.pretrain_mae_cli``."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from visionfm.pretrain_mae_cli import mae_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(mae_main())
