@@ -25,8 +25,10 @@ def build_parser(prog: str = "downstream/cls.py") -> argparse.ArgumentParser:
                     "predictions_test.csv and TensorBoard logs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset", default=None,
-                        help="OCT_DME (the OCT/fundus DME-DR set under --data-root), imagefolder (--data-root DIR "
-                             "with train/ val/ test/ class folders) or csv (--csv FILE) [config: dataset]")
+                        help="OCT_DME (the OCT/fundus DME-DR set under --data-root), EyeDisease4 (4 fundus classes; "
+                             "its 'test' is a 20 %% carve of train/, the real test split being held back), "
+                             "imagefolder (--data-root DIR with train/ val/ test/ class folders) or csv (--csv FILE) "
+                             "[config: dataset]")
     parser.add_argument("--modality", default=None,
                         help=f"imaging modality, one of {', '.join(MODALITIES)}; OCT_DME: oct (B-scans) or cfp "
                              "(fundus photographs) [config: modality]")

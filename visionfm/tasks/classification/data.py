@@ -1,4 +1,5 @@
-"""The classification datasets by name: ``OCT_DME`` (the OCT/fundus DME-DR set), ``imagefolder`` and ``csv``.
+"""The classification datasets by name: ``OCT_DME`` (the OCT/fundus DME-DR set), ``EyeDisease4`` (four fundus
+classes; evaluation and selection splits carved from its training split), ``imagefolder`` and ``csv``.
 
 Each is turned into a :class:`~visionfm.data.datasets.labeled.LabeledSplits` with patient-level splits where
 patient ids exist.
@@ -12,6 +13,7 @@ from typing import Any, Dict, List, Optional
 
 from ...data.datasets import oct_fundus
 from ...data.datasets.csvfile import read_csv_dataset
+from ...data.datasets.eyedisease4 import read_eyedisease4
 from ...data.datasets.imagefolder import read_imagefolder
 from ...data.datasets.labeled import SPLITS, LabeledSample, LabeledSplits
 from ...data.unlabeled import DataError
@@ -21,7 +23,7 @@ __all__ = ["DATASETS", "OCT_DME_TASKS", "canonical_dataset", "read_oct_dme", "lo
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("OCT_DME", "imagefolder", "csv")
+DATASETS = ("OCT_DME", "EyeDisease4", "imagefolder", "csv")
 #: OCT_DME targets: DME yes/no (binary) and DR grade (ordinal; images without a grade are left out).
 OCT_DME_TASKS = {"dme": ("multiclass", ["no DME", "DME"]), "dr": ("ordinal", ["no DR", "NPDR", "PDR"])}
 
@@ -79,6 +81,8 @@ def load_classification_data(cfg: Dict[str, Any], data_root: Path) -> LabeledSpl
     kind = data.get("label_type")
     if name == "OCT_DME":
         return read_oct_dme(data_root, cfg["modality"], cfg.get("task") or "dme", int(data.get("split_seed", 0)), kind)
+    if name == "EyeDisease4":  # 'test' is a 20 % carve of train/ (the real test split is held back)
+        return read_eyedisease4(data_root, seed=int(data.get("split_seed", 0)))
     if name == "imagefolder":
         return read_imagefolder(data_root, data.get("class_names"), kind or "multiclass",
                                 float(data.get("val_fraction", 0.15)), int(data.get("split_seed", 0)))
