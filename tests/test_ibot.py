@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from scipy import ndimage
 
-from conftest import ROOT, tiny_pretrain_config
+from conftest import ROOT, run_and_sigkill_at_first_checkpoint, tiny_pretrain_config
 from visionfm.data.unlabeled import UnlabeledImages, fit_and_resize
 from visionfm.engine.checkpoint import safe_load
 from visionfm.engine.dino_trainer import DINOTrainer
@@ -139,12 +137,7 @@ def test_sigkill_during_ibot_then_rerun_equals_uninterrupted(tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(_cli(ref), check=True, env=env, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_and_sigkill_at_first_checkpoint(_cli(killed), killed)
     assert (killed / "checkpoint.pt").exists()
     assert safe_load(killed / "checkpoint.pt")["global_step"] < 6  # killed before the end
     subprocess.run(_cli(killed), check=True, env=env, capture_output=True)

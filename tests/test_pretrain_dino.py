@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_pretrain_config
+from conftest import ROOT, run_and_sigkill_at_first_checkpoint, tiny_pretrain_config
 from visionfm.data.io import ImageReadError
 from visionfm.data.unlabeled import DataError
 from visionfm.engine.checkpoint import safe_load
@@ -84,12 +84,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_equals_uninterrupted(tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(_cli(ref), check=True, env=env, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_and_sigkill_at_first_checkpoint(_cli(killed), killed)
     assert (killed / "checkpoint.pt").exists()
     safe_load(killed / "checkpoint.pt")  # the checkpoint on disk is complete
     subprocess.run(_cli(killed), check=True, env=env, capture_output=True)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, run_and_sigkill_at_first_checkpoint
 from visionfm.engine.checkpoint import safe_load
 from visionfm.engine.dino_trainer import export_only
 from visionfm.engine.mae_trainer import MAETrainer
@@ -163,12 +162,7 @@ def test_sigkill_during_training_then_rerun_equals_uninterrupted(tmp_path):
     total = safe_load(ref / "checkpoint.pt")["global_step"]
     assert total == 16  # 4 epochs of 4 steps; the first checkpoint comes mid-epoch, after step 3
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL  # killed, not finished
+    assert run_and_sigkill_at_first_checkpoint(_cli(killed), killed) == -signal.SIGKILL  # killed, not finished
     at_kill = safe_load(killed / "checkpoint.pt")  # the checkpoint on disk is complete
     assert 0 < at_kill["global_step"] < total
     assert not (killed / "encoder.safetensors").exists()

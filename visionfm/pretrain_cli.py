@@ -13,7 +13,7 @@ from .cli import add_common_arguments
 from .config import CONFIG_DIR, ConfigError, build_config
 from .modalities import MODALITIES, UnknownModalityError, get_modality
 
-__all__ = ["build_parser", "main", "prepare_named_source"]
+__all__ = ["build_parser", "main", "add_run_arguments", "shared_flags", "prepare_named_source"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,17 +44,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, help="images per process and step")
     parser.add_argument("--lr", type=float, default=None,
                         help="base learning rate for a global batch of 256 (scaled linearly with the batch)")
+    add_run_arguments(parser, default_output="runs/dino")
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, default_output: str) -> None:
+    """The flags every pretraining command shares after its own: precision, corrupt files, export, and the
+    project-wide ones (:func:`visionfm.cli.add_common_arguments`)."""
     parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None,
                         help="mixed precision: auto = bf16 where supported (CPU and GPU), fp16+scaler on older GPUs")
     parser.add_argument("--skip-corrupt", action="store_true", default=None,
                         help="leave unreadable images out (counted in the log) instead of stopping with an error")
     parser.add_argument("--export-to", metavar="DIR", default=None,
-                        help="also export the teacher encoder as DIR/<modality>_<arch>.safetensors (fp16) with an "
+                        help="also export the encoder as DIR/<modality>_<arch>.safetensors (fp16) with an "
                              "index.json entry, e.g. --export-to weights/")
     parser.add_argument("--export", action="store_true",
                         help="only export the encoder from the checkpoint in --output, without training")
-    add_common_arguments(parser, default_output="runs/dino")
-    return parser
+    add_common_arguments(parser, default_output=default_output)
+
+
+def shared_flags(args: argparse.Namespace, modality: str) -> dict:
+    """Config keys set by the flags every pretraining command has (``None``: not given)."""
+    return {
+        "modality": modality, "data.source": args.data, "data.limit": args.limit,
+        "data.skip_corrupt": args.skip_corrupt, "model.arch": args.arch, "model.patch_size": args.patch_size,
+        "crops.global_size": args.img_size, "optim.epochs": args.epochs, "optim.batch_size": args.batch_size,
+        "optim.lr": args.lr, "train.seed": args.seed, "train.device": args.device, "train.precision": args.precision,
+        "train.max_steps": args.max_steps, "export.to": args.export_to,
+    }
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -65,14 +82,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UnknownModalityError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    flags = {
-        "modality": modality.name, "objective": args.objective, "data.source": args.data, "data.limit": args.limit,
-        "data.skip_corrupt": args.skip_corrupt, "model.arch": args.arch, "model.patch_size": args.patch_size,
-        "crops.global_size": args.img_size, "crops.local_number": args.local_crops, "crops.local_size": args.local_size,
-        "head.out_dim": args.out_dim, "optim.epochs": args.epochs, "optim.batch_size": args.batch_size,
-        "optim.lr": args.lr, "train.seed": args.seed, "train.device": args.device, "train.precision": args.precision,
-        "train.max_steps": args.max_steps, "export.to": args.export_to,
-    }
+    flags = {**shared_flags(args, modality.name), "objective": args.objective,
+             "crops.local_number": args.local_crops, "crops.local_size": args.local_size, "head.out_dim": args.out_dim}
     try:
         cfg = build_config(CONFIG_DIR / "pretrain" / "default.yaml", args.config, flags, args.overrides)
     except ConfigError as err:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .cli import add_common_arguments
+from .pretrain_cli import add_run_arguments, shared_flags
 from .config import CONFIG_DIR, ConfigError, build_config
 from .modalities import MODALITIES, UnknownModalityError, get_modality
 
@@ -49,16 +49,7 @@ def build_mae_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=None,
                         help="base learning rate for a global batch of 256, scaled linearly with the batch "
                              "(config: 1.5e-4, MAE's)")
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None,
-                        help="mixed precision: auto = bf16 where supported (CPU and GPU), fp16+scaler on older GPUs")
-    parser.add_argument("--skip-corrupt", action="store_true", default=None,
-                        help="leave unreadable images out (counted in the log) instead of stopping with an error")
-    parser.add_argument("--export-to", metavar="DIR", default=None,
-                        help="also export the encoder as DIR/<modality>_<arch>.safetensors (fp16) with an index.json "
-                             "entry, e.g. --export-to weights/")
-    parser.add_argument("--export", action="store_true",
-                        help="only export the encoder from the checkpoint in --output, without training")
-    add_common_arguments(parser, default_output="runs/mae")
+    add_run_arguments(parser, default_output="runs/mae")
     return parser
 
 
@@ -71,13 +62,7 @@ def mae_main(argv: Optional[List[str]] = None) -> int:
     except UnknownModalityError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    flags = {
-        "modality": modality.name, "data.source": args.data, "data.limit": args.limit,
-        "data.skip_corrupt": args.skip_corrupt, "model.arch": args.arch, "model.patch_size": args.patch_size,
-        "crops.global_size": args.img_size, "mae.mask_ratio": args.mask_ratio, "optim.epochs": args.epochs,
-        "optim.batch_size": args.batch_size, "optim.lr": args.lr, "train.seed": args.seed, "train.device": args.device,
-        "train.precision": args.precision, "train.max_steps": args.max_steps, "export.to": args.export_to,
-    }
+    flags = {**shared_flags(args, modality.name), "mae.mask_ratio": args.mask_ratio}
     try:
         cfg = build_config(DEFAULT_CONFIG, args.config, flags, args.overrides)
     except ConfigError as err:

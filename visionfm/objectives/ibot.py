@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from lightly.loss import IBOTPatchLoss, KoLeoLoss
