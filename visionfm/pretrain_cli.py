@@ -13,7 +13,7 @@ from .cli import add_common_arguments
 from .config import CONFIG_DIR, ConfigError, build_config
 from .modalities import MODALITIES, UnknownModalityError, get_modality
 
-__all__ = ["build_parser", "main", "add_run_arguments", "shared_flags", "prepare_named_source"]
+__all__ = ["build_parser", "main", "add_run_arguments", "shared_flags", "run_pretraining", "prepare_named_source"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +90,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # Imported here so that --help and config errors answer without loading torch.
-    from .data.io import ImageReadError
-    from .data.unlabeled import DataError
     from .engine.dino_trainer import check_crop_sizes, check_objective
 
     try:  # settings that would fail later are refused before anything is written
@@ -100,18 +98,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    try:
-        prepare_named_source(cfg, args.data_root, args.output, modality.name)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    from .engine.dino_trainer import DINOTrainer, NonFiniteLossError, export_only
+    from .engine.dino_trainer import DINOTrainer
+
+    return run_pretraining(cfg, args, modality.name, DINOTrainer)
+
+
+def run_pretraining(cfg: dict, args: argparse.Namespace, modality: str, trainer_cls: type) -> int:
+    """Resolve a named source, then train (or with ``--export`` only export) with ``trainer_cls`` and report the
+    summary; returns the exit status (1: bad data or a failed run). Shared by ``pretrain/dino.py`` and
+    ``pretrain/mae.py``."""
+    from .data.io import ImageReadError
+    from .data.unlabeled import DataError
+    from .engine.dino_trainer import NonFiniteLossError, export_only
 
     try:
+        prepare_named_source(cfg, args.data_root, args.output, modality)
         if args.export:
-            export_only(cfg, args.output)
+            export_only(cfg, args.output, trainer_cls=trainer_cls)
             return 0
-        summary = DINOTrainer(cfg, args.output).train()
+        summary = trainer_cls(cfg, args.output).train()
     except (DataError, ImageReadError, NonFiniteLossError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -4,13 +4,11 @@ lives here; the conventions are ``pretrain/dino.py``'s)."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from pathlib import Path
 from typing import List, Optional
 
-from .pretrain_cli import add_run_arguments, shared_flags
+from .pretrain_cli import add_run_arguments, run_pretraining, shared_flags
 from .config import CONFIG_DIR, ConfigError, build_config
 from .modalities import MODALITIES, UnknownModalityError, get_modality
 
@@ -76,23 +74,6 @@ def mae_main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .data.io import ImageReadError
-    from .data.unlabeled import DataError
-    from .engine.dino_trainer import NonFiniteLossError, export_only
     from .engine.mae_trainer import MAETrainer
-    from .pretrain_cli import prepare_named_source
 
-    try:
-        prepare_named_source(cfg, args.data_root, args.output, modality.name)
-        if args.export:
-            export_only(cfg, args.output, trainer_cls=MAETrainer)
-            return 0
-        summary = MAETrainer(cfg, args.output).train()
-    except (DataError, ImageReadError, NonFiniteLossError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary))
-    out = Path(args.output)
-    if (out / "encoder.safetensors").is_file():
-        print(f"encoder: {out / 'encoder.safetensors'}")
-    return 0
+    return run_pretraining(cfg, args, modality.name, MAETrainer)

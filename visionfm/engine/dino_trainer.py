@@ -506,7 +506,7 @@ class DINOTrainer:
         """What the encoder's crops were cut from and how (recorded in the exported metadata)."""
         crops = self.cfg["crops"]
         recipe = augmented_modality(self.modality, self.cfg.get("augment")).augment
-        scheme = {"cached_size": list(check_crop_sizes(self.cfg)), "augment": dataclasses.asdict(recipe), "global_size": int(crops["global_size"]),
+        scheme = {"cached_size": list(self.load_size), "augment": dataclasses.asdict(recipe), "global_size": int(crops["global_size"]),
                   "global_scale": [float(v) for v in crops["global_scale"]], "local_number": int(crops["local_number"]),
                   "local_size": int(crops["local_size"]), "local_scale": [float(v) for v in crops["local_scale"]]}
         if self.objective == "ibot":

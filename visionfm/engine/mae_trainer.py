@@ -186,7 +186,7 @@ class MAETrainer(DINOTrainer):
     def crop_scheme(self) -> Dict[str, Any]:
         """One view per image: crop and the modality's flips, no photometric changes (recorded in the metadata)."""
         crops, recipe = self.cfg["crops"], self.modality.augment
-        return {"cached_size": list(check_crop_sizes(self.cfg)), "global_size": int(crops["global_size"]),
+        return {"cached_size": list(self.load_size), "global_size": int(crops["global_size"]),
                 "global_scale": [float(v) for v in crops["global_scale"]],
                 "augment": {"hflip": recipe.hflip, "vflip": recipe.vflip, "fov_crops": recipe.fov_crops,
                             "square_crop": recipe.square_crop, "photometric": False}}
