@@ -124,7 +124,8 @@ def _installed_version(name: str) -> str:
     return version(name)
 
 
-def fetch_wheels(wheel_dir: Path, wheels_from: Optional[Path], kornia_rs_wheel: bool, python_version: str) -> None:
+def fetch_wheels(wheel_dir: Path, wheels_from: Optional[Path], kornia_rs_wheel: bool, python_version: str,
+                 names: Sequence[str] = WHEELS) -> None:
     """Put lightly's and kornia's wheels (the versions installed here) into ``wheel_dir``: copied from
     ``wheels_from``, kept when already there, else ``pip download``-ed (no dependencies: the GPU image has torch,
     numpy, tqdm, ...). With ``kornia_rs_wheel`` also the binary kornia_rs wheel for CPython ``python_version``
@@ -140,7 +141,7 @@ def fetch_wheels(wheel_dir: Path, wheels_from: Optional[Path], kornia_rs_wheel: 
             shutil.copy2(whl, wheel_dir / whl.name)
         log(f"wheels copied from {wheels_from}: {', '.join(w.name for w in found)}")
         return
-    wanted = {name: _installed_version(name) for name in WHEELS}
+    wanted = {name: _installed_version(name) for name in names}
     if kornia_rs_wheel:
         wanted["kornia_rs"] = _installed_version("kornia_rs")
     have = {w.name for w in wheel_dir.glob("*.whl")}

@@ -62,6 +62,7 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x "$REPO/.venv/bin/python" ]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
 say() { printf '[gpu_pretrain] %s\n' "$*"; }
+source "$REPO/benchmarks/gpu_lib.sh"
 die() { printf 'error: %s\n' "$*" >&2; exit 2; }
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
@@ -118,21 +119,8 @@ main() {
 
   # 1. the carried wheels, into a folder of their own on PYTHONPATH (the image's python3 is itself a venv, so a
   #    --system-site-packages venv on top of it would not see its torch)
-  local site="$WORK/site" pure=() binary=() w
-  mkdir -p "$site"
-  for w in "$PAYLOAD"/wheels/*.whl; do
-    [ -e "$w" ] || continue
-    case "$w" in *-none-any.whl) pure+=("$w") ;; *) binary+=("$w") ;; esac
-  done
-  local pipi=("$PYTHON" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile
-              --no-cache-dir --upgrade --target "$site")
-  if [ ${#pure[@]} -gt 0 ]; then
-    say "installing ${pure[*]##*/}"
-    "${pipi[@]}" "${pure[@]}"
-  fi
-  for w in "${binary[@]}"; do
-    "${pipi[@]}" "$w" || say "skipped ${w##*/} (not for this Python or platform)"
-  done
+  local site="$WORK/site"
+  install_payload_wheels "$PYTHON" "$PAYLOAD/wheels" "$site"
   export PYTHONPATH="$site:$REPO${PYTHONPATH:+:$PYTHONPATH}"
   if ! "$PYTHON" -c 'import kornia_rs' 2>/dev/null; then
     say "kornia_rs is not installed: using the carried stub (kornia.io only; pretraining does not use it)"

@@ -461,7 +461,8 @@ def run_case(args: argparse.Namespace, arch: str, batch: int, device: torch.devi
     for name, fn, resident in (("ours", ours, [trainer.model, trainer.loss_fn]), ("reference", reference, ref.modules())):
         def first(fn=fn, name=name, resident=resident):
             with drop_path_off(resident):
-                check[name] = fn(FIRST_STEP)
+                # floats (ours keeps a step's values on the device unless the step is a logging step)
+                check[name] = {k: float(v) for k, v in fn(FIRST_STEP).items()}
         peaks[name] = peak_memory(device, first, lambda fn=fn: fn(FIRST_STEP + 1), resident)
     loss_rel = abs(check["ours"]["loss"] - check["reference"]["loss"]) / abs(check["reference"]["loss"])
     grad_rel = abs(check["ours"]["grad_norm"] - check["reference"]["grad_norm"]) / check["reference"]["grad_norm"]

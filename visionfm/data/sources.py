@@ -8,6 +8,9 @@ resolved list is written as a CSV into the run folder, which records exactly wha
 from __future__ import annotations
 
 import csv
+import io
+import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -78,12 +81,32 @@ def resolve_named_source(spec: str, data_root: "str | Path", modality: str) -> L
 
 
 def write_source_csv(files: List[Path], path: "str | Path") -> Path:
-    """Write absolute paths as a one-column ``path`` CSV (the form ``--data`` accepts)."""
+    """Write absolute paths as a one-column ``path`` CSV (the form ``--data`` accepts).
+
+    Every rank of a ``torchrun`` job resolves the named source before any process group exists and writes the same
+    list, possibly into the same shared folder while another rank reads it. So the file is written to a temporary
+    name of this process and renamed over ``path`` (a reader sees the old or the new file, never a partial one), and
+    left alone when it already holds exactly this list.
+    """
     path = Path(path)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path"])
+    for f in files:
+        writer.writerow([str(Path(f).resolve())])
+    text = buffer.getvalue()
+    try:
+        if path.read_text() == text:
+            return path
+    except (OSError, UnicodeDecodeError):
+        pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path"])
-        for f in files:
-            writer.writerow([str(Path(f).resolve())])
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
