@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Pooled encoder features of a folder of images (embeddings.npy + index.csv, PCA scatter). See ``--help``; the
+logic is in ``visionfm.inference``."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from visionfm.errors import run_cli  # noqa: E402
+from visionfm.inference.embed_cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
