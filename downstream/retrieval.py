@@ -6,7 +6,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from visionfm.errors import run_cli  # noqa: E402
 from visionfm.tasks.zeroshot.cli import retrieval_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(retrieval_main())
+    sys.exit(run_cli(retrieval_main))

@@ -71,8 +71,8 @@ def scripted_thread_probe(monkeypatch):
         torch.set_num_threads(start_threads)
 
 
-def run_and_sigkill_at_first_checkpoint(cmd, out: Path, timeout: float = 120.0) -> int:
-    """Start ``cmd`` (one thread), SIGKILL it as soon as ``out/checkpoint.pt`` exists; returns the exit status
+def run_and_sigkill_at_first_checkpoint(cmd, out: Path, timeout: float = 120.0, name: str = "checkpoint.pt") -> int:
+    """Start ``cmd`` (one thread), SIGKILL it as soon as ``out/<name>`` exists; returns the exit status
     (``-SIGKILL`` when it was killed before finishing)."""
     import signal
     import subprocess
@@ -81,7 +81,7 @@ def run_and_sigkill_at_first_checkpoint(cmd, out: Path, timeout: float = 120.0) 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
-    while not (Path(out) / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+    while not (Path(out) / name).exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     return proc.wait()

@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from visionfm.models.clip import CLIPModel, EncoderMismatchError, prepare_images
 from visionfm.models.text import TextEncoder, mean_pool, tiny_text_encoder
-from visionfm.tasks.zeroshot.knowledge import KnowledgeBase, KnowledgeError, fill_template
+from visionfm.data.knowledge import KnowledgeBase, KnowledgeError, fill_template
 from visionfm.weights import load_encoder, save_encoder
 
 

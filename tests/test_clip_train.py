@@ -145,7 +145,7 @@ def test_zeroshot_and_retrieval_command_lines(shared_data, tmp_path, text_folder
     assert (out / "predictions.csv").read_text().count("\n") == 11
     # No test image was used for training: the test patients are not among the training patients.
     trained = CLIPTrainer(tiny_config(tmp_path, text_folder), tmp_path / "unused", shared_data)
-    trained.knowledge = __import__("visionfm.tasks.zeroshot.knowledge", fromlist=["x"]).KnowledgeBase.load()
+    trained.knowledge = __import__("visionfm.data.knowledge", fromlist=["x"]).KnowledgeBase.load()
     train_patients = {r.patient for r in trained._records("oct", "train", True)}
     test_paths = [row.split(",")[0] for row in (out / "predictions.csv").read_text().splitlines()[1:]]
     assert not {Path(p).name.split("_")[0] for p in test_paths} & train_patients
@@ -188,7 +188,7 @@ def test_real_minilm_text_encoder_loads_offline(monkeypatch):
 
 def test_csv_sources_labels_captions_splits_and_errors(tmp_path):
     from visionfm.tasks.zeroshot.data import csv_records
-    from visionfm.tasks.zeroshot.knowledge import KnowledgeBase
+    from visionfm.data.knowledge import KnowledgeBase
 
     for i in range(3):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"a{i}.png")

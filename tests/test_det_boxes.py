@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from visionfm.tasks.detection.boxes import (BoxError, DetectionRecord, EmptyMaskError, check_boxes, component_boxes,
+from visionfm.data.boxes import (BoxError, DetectionRecord, EmptyMaskError, check_boxes, component_boxes,
                                             crop_boxes, flip_boxes, mask_box, merge_close_boxes, point_box,
                                             scale_boxes)
 from visionfm.tasks.detection.points import point_metrics, top_box_centre

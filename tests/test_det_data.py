@@ -14,7 +14,7 @@ from visionfm.config import CONFIG_DIR, load_yaml
 from visionfm.data.datasets.coco import CocoFormatError, load_coco
 from visionfm.data.datasets.generic_seg import DatasetNotFoundError
 from visionfm.data.datasets.idrid_det import load_idrid_detection, read_markups
-from visionfm.tasks.detection.boxes import BoxError, EmptyMaskError, component_boxes
+from visionfm.data.boxes import BoxError, EmptyMaskError, component_boxes
 
 SEG = "IDRiD/A. Segmentation"
 TRUTH = {"MA": "1. Microaneurysms", "HE": "2. Haemorrhages", "EX": "3. Hard Exudates", "SE": "4. Soft Exudates",

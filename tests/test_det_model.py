@@ -18,7 +18,7 @@ from test_det_data import make_fake_idrid
 from visionfm.config import ConfigMismatchError, apply_overrides, load_yaml
 from visionfm.models.vit import create_encoder
 from visionfm.tasks.detection import models  # noqa: F401 - registers the components
-from visionfm.tasks.detection.boxes import DetectionRecord
+from visionfm.data.boxes import DetectionRecord
 from visionfm.tasks.detection.dataset import DetectionDataset, StepBatchSampler
 from visionfm.tasks.detection.evaluation import Prediction, coco_metrics, predict
 from visionfm.tasks.detection.models import SimpleFeaturePyramid
@@ -64,7 +64,7 @@ def _records(tmp_path: Path, sizes=((80, 60), (60, 80))) -> list:
 def test_components_are_registered():
     from mmdet.registry import MODELS
 
-    from visionfm.tasks.segmentation.backbone import VisionFMViT
+    from visionfm.models.mm_backbone import VisionFMViT
 
     assert MODELS.get("VisionFMViT") is VisionFMViT
     assert MODELS.get("SimpleFeaturePyramid") is SimpleFeaturePyramid
@@ -269,7 +269,7 @@ def test_cli_idrid_od_end_to_end(tmp_path: Path):
     assert any(k.startswith("backbone.encoder.blocks.") for k in ckpt["model"])
     assert sorted(p.name for p in (out / "predictions").glob("*.png")) == ["IDRiD_07.png", "IDRiD_08.png"]
     assert Image.open(out / "predictions" / "IDRiD_07.png").size == (64, 43)
-    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "config.yaml").is_file() and (out / "mmdet_config.py").is_file()
 
 

@@ -18,18 +18,20 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import yaml
 
+from .errors import VisionFMError
+
 __all__ = ["CONFIG_DIR", "ConfigError", "ConfigMismatchError", "RESUMABLE_KEYS", "load_yaml", "merge", "apply_overrides",
-           "build_config", "save_config", "config_changes", "check_resumable"]
+           "build_config", "save_config", "write_run_config", "config_changes", "check_resumable"]
 
 #: The repository's ``configs/`` folder (the package is used from a checkout or an editable install).
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(VisionFMError, ValueError):
     """A config file or override that cannot be used."""
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(VisionFMError, ValueError):
     """A run folder's checkpoint was written under a different config."""
 
 
@@ -70,7 +72,9 @@ def _set_dotted(cfg: Dict[str, Any], dotted: str, value: Any, strict: bool) -> N
     for i, key in enumerate(keys[:-1]):
         if key not in node:
             if strict:
-                raise ConfigError(f"unknown config key {'.'.join(keys[: i + 1])!r} in override {dotted!r}")
+                known = ", ".join(sorted(node)) or "(none)"
+                raise ConfigError(f"unknown config key {'.'.join(keys[: i + 1])!r} in override {dotted!r}; keys at "
+                                  f"this level: {known}")
             node[key] = {}
         if not isinstance(node[key], dict):
             raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])!r} is not a section")
@@ -78,7 +82,37 @@ def _set_dotted(cfg: Dict[str, Any], dotted: str, value: Any, strict: bool) -> N
     if strict and keys[-1] not in node:
         known = ", ".join(sorted(node)) or "(none)"
         raise ConfigError(f"unknown config key {dotted!r}; keys at this level: {known}")
-    node[keys[-1]] = value
+    node[keys[-1]] = _typed_like(node.get(keys[-1]), value, dotted)
+
+
+#: Numeric settings that also take a word (``test.threshold: val`` = the threshold chosen on validation).
+KEYWORD_VALUES = {"test.threshold": ("val",), "data.num_workers": ("auto",), "train.threads": ("auto",),
+                  "train.num_workers": ("auto",)}
+
+
+def _typed_like(current: Any, value: Any, dotted: str) -> Any:
+    """``value`` checked against the type of the setting it replaces, so that ``optim.lr=abc`` fails here, naming
+    the key, rather than as a ``TypeError`` deep in an optimiser. Numbers convert between int and float where
+    nothing is lost; ``None`` defaults, strings and containers take any value (several settings are ``int`` or
+    ``[h, w]``, a name or a path)."""
+    if current is None or value is None or isinstance(current, (str, list, dict)):
+        return value
+    if isinstance(value, str) and value.strip().lower() in KEYWORD_VALUES.get(dotted, ()):
+        return value.strip().lower()
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{dotted} expects true or false, got {value!r}")
+        return value
+    if isinstance(current, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf", "infinity"):
+                return float(value)
+            kind = "an integer" if isinstance(current, int) else "a number"
+            raise ConfigError(f"{dotted} expects {kind} (like {current!r}), got {value!r}")
+        if isinstance(current, int):  # a fraction stays a float: some integer defaults (warm-up epochs) take one
+            return int(value) if float(value).is_integer() else value
+        return float(value)
+    return value
 
 
 def apply_overrides(cfg: Dict[str, Any], overrides: Iterable[str], strict: bool = True) -> Dict[str, Any]:
@@ -155,3 +189,34 @@ def check_resumable(checkpoint_config: Mapping[str, Any], cfg: Mapping[str, Any]
             f"{path} was written with a different config: {listing}. Use a new --output for a new run, or "
             "pass --set train.resume_with_changes=true to continue this one under the new settings")
     return changes
+
+
+def write_run_config(cfg: Mapping[str, Any], output: "str | os.PathLike") -> Path:
+    """Write ``<output>/config.yaml`` for a run, refusing when the folder already holds a different run.
+
+    Called before the first file of a run is written (checkpoints, TensorBoard, metrics), so that a command
+    pointed at another run's folder by mistake is refused with that folder left byte-identical. Rerunning the
+    same command (to resume, or to finish an interrupted run) passes, as do the settings in
+    :data:`RESUMABLE_KEYS`; ``train.resume_with_changes`` lets a user continue a run under a changed config.
+
+    Raises:
+        ConfigMismatchError: ``config.yaml`` exists and differs from ``cfg``.
+    """
+    path = Path(output) / "config.yaml"
+    if path.is_file():
+        try:
+            previous = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigMismatchError(f"{path}: the config of an earlier run in this folder is not valid YAML ({err}); "
+                                      "use a new --output") from None
+        allow = bool((cfg.get("train") or {}).get("resume_with_changes")) if isinstance(cfg.get("train"), Mapping) \
+            else False
+        changes = config_changes(previous, cfg)
+        if changes and not allow:
+            listing = "; ".join(f"{key} = {new!r} (earlier run: {old!r})" for key, old, new in changes[:6])
+            more = f" and {len(changes) - 6} more" if len(changes) > 6 else ""
+            raise ConfigMismatchError(
+                f"{Path(output)} holds another run ({listing}{more}); nothing was written. Use a new --output, or "
+                "pass --set train.resume_with_changes=true to continue that run under the new settings")
+    save_config(cfg, path)
+    return path

@@ -15,10 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
+from .errors import VisionFMError
+
 __all__ = ["Modality", "AugmentationRecipe", "MODALITIES", "get_modality", "UnknownModalityError"]
 
 
-class UnknownModalityError(ValueError):
+class UnknownModalityError(VisionFMError, ValueError):
     """Raised for a modality name that is neither a canonical name nor an alias."""
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .cli import add_common_arguments
+from .cli import HelpFormatter, add_common_arguments
 from .config import CONFIG_DIR, ConfigError, build_config
 from .modalities import MODALITIES, UnknownModalityError, get_modality
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a ViT encoder for one imaging modality with DINO self-distillation. Without --data "
                     "a small built-in synthetic set of the modality is used (a demo). Rerunning the same command "
                     "with the same --output resumes from the last checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--modality", required=True,
                         help=f"imaging modality; one of {', '.join(MODALITIES)} (VisionFM spellings such as Fundus, "
                              "OCT, SlitLamp are accepted)")

@@ -30,15 +30,17 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from ..errors import VisionFMError
+
 __all__ = ["DetectionRecord", "EmptyMaskError", "BoxError", "ComponentBoxes", "mask_box", "component_boxes",
            "merge_close_boxes", "point_box", "check_boxes", "scale_boxes", "flip_boxes"]
 
 
-class EmptyMaskError(ValueError):
+class EmptyMaskError(VisionFMError, ValueError):
     """A mask that must show a structure (the optic disc) has no foreground pixel."""
 
 
-class BoxError(ValueError):
+class BoxError(VisionFMError, ValueError):
     """A box that is degenerate or lies outside its image; the message names the source."""
 
 

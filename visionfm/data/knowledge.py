@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 
-from ...config import CONFIG_DIR, ConfigError, load_yaml
-from ...modalities import get_modality
+from ..errors import VisionFMError
+from ..config import CONFIG_DIR, ConfigError, load_yaml
+from ..modalities import get_modality
 
 __all__ = ["DEFAULT_KNOWLEDGE", "PLACEHOLDER", "KnowledgeError", "Category", "KnowledgeBase", "fill_template",
            "normalise_name"]
@@ -36,7 +37,7 @@ DEFAULT_KNOWLEDGE = CONFIG_DIR / "knowledge" / "ophthalmology.yaml"
 PLACEHOLDER = "[CLS]"
 
 
-class KnowledgeError(ValueError):
+class KnowledgeError(VisionFMError, ValueError):
     """A knowledge file that cannot be used, or a class name that is not in it."""
 
 

@@ -13,15 +13,16 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import VisionFMError
 from ..modalities import Modality, get_modality
-from .io import ImageReadError, check_image, is_image_file, read_image
+from .io import ImageReadError, check_image, image_channels, is_image_file, read_image
 
 __all__ = ["DataError", "list_images", "parse_size", "fit_and_resize", "square_and_resize", "UnlabeledImages"]
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(VisionFMError, ValueError):
     """A dataset that cannot be used as given (empty, missing, malformed)."""
 
 
@@ -110,20 +111,26 @@ class UnlabeledImages(Dataset):
         modality: Decides grey/colour reading and how non-square frames are squared.
         size: Side length, or ``[height, width]``, images are stored at; crops are taken from this (keep it large
             enough to hold the detail crops should see: a fundus at 512 px or more, B-scans near their own aspect).
-        skip_corrupt: Leave unreadable files out instead of failing.
+        min_side: Smallest accepted side in pixels (one patch): smaller images are refused, not upsampled.
+        skip_corrupt: Leave unreadable files (and images smaller than ``min_side``) out instead of failing.
         cache: Decode each file once and keep the resized image in memory (right for the small datasets of
             ophthalmology; turn off for very large collections and use loader workers instead).
     """
 
     def __init__(self, files: Sequence["str | os.PathLike"], modality: "Modality | str", size: "int | Sequence[int]",
-                 skip_corrupt: bool = False, cache: bool = True) -> None:
+                 skip_corrupt: bool = False, cache: bool = True, min_side: int = 16) -> None:
         self.modality = get_modality(modality)
         self.height, self.width = parse_size(size)
         self.size = self.height if self.height == self.width else (self.height, self.width)
-        good, bad = [], []
+        good, bad, mismatched = [], [], []
         for f in files:
             try:
-                check_image(f)
+                width, height = check_image(f)  # a full decode: truncated files fail here, not mid-training
+                if min(width, height) < min_side:  # upsampling it would train on interpolation, not anatomy
+                    raise ImageReadError(f"{f}: image is {width}x{height} pixels, smaller than one {min_side}-px "
+                                         "patch")
+                if image_channels(f) != self.modality.channels:
+                    mismatched.append(str(f))
                 good.append(Path(f))
             except ImageReadError as err:
                 if not skip_corrupt:
@@ -131,6 +138,11 @@ class UnlabeledImages(Dataset):
                 bad.append(str(f))
         if bad:
             log.warning("skipped %d unreadable image(s), first: %s", len(bad), bad[0])
+        if mismatched:
+            stored = "grey" if self.modality.channels == 3 else "colour"
+            log.warning("%d of %d image(s) are %s but the %s modality reads %s: they are converted; first: %s",
+                        len(mismatched), len(files), stored, self.modality.name,
+                        "colour" if self.modality.channels == 3 else "grey", mismatched[0])
         if not good:
             raise DataError("no readable images left" + (f" ({len(bad)} unreadable)" if bad else ""))
         self.files = good

@@ -12,13 +12,11 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
+from ..errors import UnsafeCheckpointError
+
 __all__ = ["UnsafeCheckpointError", "atomic_save", "safe_load", "restart_from_checkpoint", "stop_requests"]
 
 log = logging.getLogger(__name__)
-
-
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded with ``weights_only=True``."""
 
 
 def atomic_save(obj: Any, path: "str | os.PathLike") -> None:

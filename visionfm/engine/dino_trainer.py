@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -17,7 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import check_resumable, save_config
+from ..errors import NonFiniteLossError
+from ..config import check_resumable, write_run_config
 from ..data.augment import MultiCropAugmentation
 from ..data.synthetic import SyntheticImages
 from ..data.unlabeled import UnlabeledImages, list_images, parse_size
@@ -27,11 +28,13 @@ from ..objectives.dino import DINOLoss, DINOModel, DINOSchedules, collapse_monit
 from ..objectives.ibot import IBOTLoss, IBOTModel, MaskConfig, sample_masks
 from ..weights.export import save_encoder, update_index
 from .checkpoint import atomic_save, restart_from_checkpoint, safe_load
-from .distributed import DistInfo, barrier, init_distributed
-from .precision import autocast, resolve_precision
+from .distributed import DistInfo, any_rank, barrier, init_distributed, load_on_every_rank
+from .loading import loader_settings
+from .precision import autocast, enable_tf32, resolve_precision
 from .threads import ThreadChooser, fastest_cpu_threads
 
-__all__ = ["OBJECTIVES", "NonFiniteLossError", "DINOTrainer", "param_groups", "make_adamw", "fastest_cpu_threads", "step_seed"]
+__all__ = ["OBJECTIVES", "NonFiniteLossError", "DINOTrainer", "param_groups", "make_adamw", "fastest_cpu_threads",
+           "step_seed", "check_world_size", "loader_settings"]
 
 log = logging.getLogger("visionfm.dino")
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -105,10 +108,6 @@ def mask_config(cfg: Dict[str, Any]) -> MaskConfig:
                       min_block=int(ibot.get("min_block", 4)))
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
 def param_groups(model: torch.nn.Module) -> List[Dict[str, Any]]:
     """Two groups as in DINO: weights with decay; biases, norm parameters (1-D tensors) and iBOT's mask token
     without."""
@@ -134,6 +133,47 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     """The seed of one step's randomness (crops, flips, colour, drop-path): a function of the run's seed, the
     global step and the rank only, so a resumed run repeats exactly what an uninterrupted run does."""
     return ((seed * 1_000_003 + step) * 1_009 + rank) % (2 ** 63)
+
+
+def _tensors(obj: Any) -> List[Tensor]:
+    """The tensors in a (nested) tuple/list/dict, or ``obj`` itself."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _tensors(item)]
+    return []
+
+
+def check_world_size(ckpt: Dict[str, Any], world_size: int, global_batch: int, path: "str | Path") -> Optional[str]:
+    """Whether a checkpoint written by ``ckpt["world_size"]`` processes can be resumed by ``world_size``.
+
+    The step counters and schedules (lr, weight decay, momentum, one entry per step) are laid out for the global
+    batch ``batch_size x world_size``. At the same global batch another number of processes sees the very same
+    batches (:class:`~visionfm.engine.sampler.EpochBatchSampler` cuts the same global batches) and the run goes on
+    as before; at another global batch the saved step would index schedules of another length, so it is refused.
+    Checkpoints from before the world size was recorded are not checked.
+
+    Returns:
+        A note for the log when the number of processes changed at the same global batch, else ``None``.
+
+    Raises:
+        ValueError: the global batch differs from the checkpoint's.
+    """
+    saved_world, saved_batch = ckpt.get("world_size"), ckpt.get("global_batch")
+    if saved_world is None or (int(saved_world) == world_size and saved_batch in (None, global_batch)):
+        return None
+    if saved_batch is not None and int(saved_batch) == global_batch:
+        return (f"resuming with {world_size} process(es) where the checkpoint had {saved_world}, at the same global "
+                f"batch {global_batch}: the same batches and schedules")
+    per_rank = int(saved_batch) // world_size if saved_batch is not None else None
+    hint = (f"--batch-size {per_rank} keeps it with {world_size} process(es)" if per_rank and
+            per_rank * world_size == int(saved_batch) else f"run with {saved_world} process(es)")
+    raise ValueError(f"{path}: written by {saved_world} process(es) with global batch {saved_batch}; this run has "
+                     f"{world_size} with global batch {global_batch}, so the saved step counters would index "
+                     f"schedules laid out for another number of steps per epoch. Resume at the same global batch "
+                     f"({hint}) or start in a new --output")
 
 
 class DINOTrainer:
@@ -164,7 +204,13 @@ class DINOTrainer:
         self.threads = ThreadChooser(train.get("threads"), self.device, self.amp_dtype)
         self.threads.apply()
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+        enable_tf32(self.device)  # what autocast leaves in fp32 (the loss, the EMA, an fp32 run)
         self._stop_signal: Optional[int] = None
+        # Whether every loss since the last check was finite, kept on the device so that a step needs no host
+        # synchronisation; read at logging steps, before every checkpoint and at the end (_check_finite).
+        self._finite: Optional[Tensor] = None
+        self._side_stream: Optional["torch.cuda.Stream"] = None  # see on_side_stream
+        self._checked_step = 0
 
     # ----------------------------------------------------------------------------------------- setup
     def _check_objective(self, cfg: Dict[str, Any]) -> str:
@@ -186,7 +232,8 @@ class DINOTrainer:
             files = list_images(data["source"], limit=data.get("limit"))
             self.dataset = UnlabeledImages(files, self.modality, self.load_size,
                                            skip_corrupt=bool(data.get("skip_corrupt")),
-                                           cache=bool(data.get("cache", True)))
+                                           cache=bool(data.get("cache", True)),
+                                           min_side=int(self.cfg["model"]["patch_size"]))
         else:
             count = data.get("synthetic_count", 64)
             if data.get("limit"):
@@ -195,8 +242,8 @@ class DINOTrainer:
             self.dataset = SyntheticImages(self.modality, count=count, size=side, seed=self.seed)
         self.data_description = self.cfg["export"].get("data_description") or self.dataset.describe()
         self.sampler = self._make_sampler()
-        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=int(data.get("num_workers", 0)),
-                                 pin_memory=self.device.type == "cuda", persistent_workers=False)
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler,
+                                 **loader_settings(data, self.device, self.dist.world_size))
         self.augment = self._build_augmentation()
 
     def _make_sampler(self):
@@ -272,21 +319,37 @@ class DINOTrainer:
         }
 
     def save_checkpoint(self, epoch: int, step_in_epoch: int, global_step: int) -> None:
+        self._check_finite(global_step)  # a checkpoint must never hold weights updated from a NaN loss
         if self.is_main:
-            atomic_save(self.state_dict(epoch, step_in_epoch, global_step), self.output / CHECKPOINT_NAME)
+            state = self.state_dict(epoch, step_in_epoch, global_step)
+            state.update(world_size=self.dist.world_size, global_batch=self.global_batch)
+            atomic_save(state, self.output / CHECKPOINT_NAME)
         barrier()
+
+    def _load_checkpoint(self) -> Optional[Dict[str, Any]]:
+        """The run folder's checkpoint (``None`` when there is none), on every rank, also where only rank 0's disk
+        holds it, checked against this run's number of processes (see :func:`check_world_size`)."""
+        path = self.output / CHECKPOINT_NAME
+        # Loaded to the CPU: load_state_dict copies into the tensors on the device, and an object broadcast from
+        # rank 0 must not carry rank 0's GPU in its tensors.
+        ckpt = load_on_every_rank(path, lambda p: safe_load(p, map_location="cpu"))
+        if ckpt is not None:
+            note = check_world_size(ckpt, self.dist.world_size, self.global_batch, path)
+            if note and self.is_main:
+                log.warning("%s", note)
+        return ckpt
 
     def _maybe_resume(self) -> Dict[str, int]:
         position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
         path = self.output / CHECKPOINT_NAME
-        if not path.is_file():
+        ckpt = self._load_checkpoint()
+        if ckpt is None:
             return position
-        ckpt = safe_load(path, map_location=self.device)
         changes = check_resumable(ckpt.get("config") or {}, self.cfg, path,
                                   bool(self.cfg["train"].get("resume_with_changes")))
         if changes:
             log.warning("resuming under a changed config: %s", changes)
-        restart_from_checkpoint(ckpt, position, map_location=self.device, student=self.model.student,
+        restart_from_checkpoint(ckpt, position, student=self.model.student,
                                 teacher=self.model.teacher, optimizer=self.optimizer, dino_loss=self.loss_fn)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -305,12 +368,34 @@ class DINOTrainer:
         :meth:`train_step_views`."""
         torch.manual_seed(step_seed(self.seed, global_step, self.dist.rank))
         start = time.perf_counter()
-        images = images.to(self.device, non_blocking=True)
-        global_views, local_views = self.augment(images)
+        global_views, local_views = self.on_side_stream(lambda: self.augment(images.to(self.device, non_blocking=True)))
         augment_s = time.perf_counter() - start  # on a GPU: the launch time (the kernels run asynchronously)
         stats = self.train_step_views(global_views, local_views, global_step, epoch)
         stats["augment_s"] = augment_s
         return stats
+
+    def on_side_stream(self, work: Callable[[], Any]) -> Any:
+        """``work()`` (the batch's copy to the GPU and its augmentation) on a CUDA stream of its own; its tensors
+        are handed to the training stream, which waits for them. Elsewhere: ``work()``.
+
+        Why: kornia synchronises with the host inside the augmentation (``linalg.solve``/``inv`` for the crop
+        warps, value checks in colour jitter and blur). On the training stream each such wait would last until the
+        previous step's kernels had finished, leaving the GPU idle while the host prepares the next batch; on a
+        side stream it waits for the augmentation's own kernels only, so the next batch is prepared while the
+        previous step still runs.
+        """
+        if self.device.type != "cuda":
+            return work()
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        main = torch.cuda.current_stream(self.device)
+        self._side_stream.wait_stream(main)  # buffers freed by the previous step may be reused here
+        with torch.cuda.stream(self._side_stream):
+            out = work()
+        main.wait_stream(self._side_stream)
+        for tensor in _tensors(out):
+            tensor.record_stream(main)  # the allocator must not reuse them before the training stream is done
+        return out
 
     def train_step_views(self, global_views: List[torch.Tensor], local_views: List[torch.Tensor], global_step: int,
                          epoch: int) -> Dict[str, float]:
@@ -332,11 +417,10 @@ class DINOTrainer:
                 student_out = self.student(global_views + local_views, stack=True)
             # (views, batch, K) outputs straight from the head; the loss computes in fp32
             loss = self.loss_fn(teacher_out, student_out, teacher_temp=teacher_temp)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at global step {global_step} (epoch {epoch}); stopping. The last good "
-                f"checkpoint is kept at {self.output / CHECKPOINT_NAME}. Try a lower --lr, a longer warm-up, or "
-                "--set train.precision=fp32")
+        self._note_finite(loss)
+        log_now = self._is_log_step(global_step)
+        if log_now:
+            self._check_finite(global_step + 1, loss)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -364,15 +448,55 @@ class DINOTrainer:
         finally:
             self.optimizer.grad_scale = None
         self.model.update_teacher(float(s.momentum[global_step]))
-        stats = {"loss": loss.item(), "lr": float(s.lr[global_step]), "weight_decay": float(s.weight_decay[global_step]),
-                 "momentum": float(s.momentum[global_step]), "teacher_temp": teacher_temp}
+        stats: Dict[str, Any] = {"loss": loss.detach(), "lr": float(s.lr[global_step]),
+                                 "weight_decay": float(s.weight_decay[global_step]),
+                                 "momentum": float(s.momentum[global_step]), "teacher_temp": teacher_temp}
         if grad_norm is not None:
-            stats["grad_norm"] = float(grad_norm)
-        stats.update({k: float(v) for k, v in extra.items()})
-        if global_step % int(self.cfg["train"].get("log_every", 10)) == 0:
+            stats["grad_norm"] = grad_norm
+        stats.update({k: v.detach() if isinstance(v, Tensor) else v for k, v in extra.items()})
+        if log_now:
             center = self.loss_fn.cls_loss.center if self.objective == "ibot" else self.loss_fn.center
             stats.update(collapse_monitors(teacher_out, center, teacher_temp))
-        return stats
+        return self._host_stats(stats, log_now)
+
+    # ----------------------------------------------------------------------------------------- host syncs
+    def _is_log_step(self, global_step: int) -> bool:
+        """Steps whose loss and monitors are read on the host (``train.log_every``; 0 or null: none but the
+        checks before checkpoints). Reading a GPU value makes the host wait for the step to finish, which leaves
+        the GPU idle while the next batch is prepared, so the other steps read nothing."""
+        every = self.cfg["train"].get("log_every", 10)
+        return bool(every) and global_step % int(every) == 0
+
+    @staticmethod
+    def _host_stats(stats: Dict[str, Any], log_now: bool) -> Dict[str, Any]:
+        """Tensors of ``stats`` as floats on logging steps; on the others they stay tensors (on the device, no
+        synchronisation) and the loop does not log them."""
+        if not log_now:
+            return stats
+        return {k: float(v) if isinstance(v, Tensor) else v for k, v in stats.items()}
+
+    def _note_finite(self, loss: Tensor) -> None:
+        """Fold ``isfinite(loss)`` into the flag on the device (no host synchronisation)."""
+        finite = torch.isfinite(loss.detach())
+        self._finite = finite if self._finite is None else self._finite & finite
+
+    def _check_finite(self, global_step: int, loss: Optional[Tensor] = None) -> None:
+        """Raise :class:`NonFiniteLossError` if a loss since the last check was NaN or infinite (one host
+        synchronisation). ``global_step``: the steps done so far, for the message."""
+        if self._finite is None:
+            return
+        finite, self._finite = bool(self._finite), None
+        since, self._checked_step = self._checked_step, global_step
+        if finite:
+            return
+        value = "the loss became NaN or infinite"
+        if loss is not None and not torch.isfinite(loss).item():
+            value = f"loss is {float(loss)}"
+        where = (f"at global step {global_step - 1}" if since >= global_step - 1
+                 else f"between global steps {since} and {global_step - 1}")
+        raise NonFiniteLossError(
+            f"{value} {where}; stopping. The last good checkpoint is kept at {self.output / CHECKPOINT_NAME}. Try a "
+            "lower --lr, a longer warm-up, or --set train.precision=fp32")
 
     def _ibot_loss(self, global_views: List[Tensor], local_views: List[Tensor], global_step: int,
                    teacher_temp: float):
@@ -405,8 +529,9 @@ class DINOTrainer:
         self._build_data()
         self._build_model()
         position = self._maybe_resume()
+        self._checked_step = position["global_step"]
         if self.is_main:
-            save_config(self.cfg, self.output / "config.yaml")
+            write_run_config(self.cfg, self.output)
         writer = None
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -455,18 +580,25 @@ class DINOTrainer:
                         wait_total += wait
                         busy_total += t1 - ready
                         wait_fractions.append(stats["data_wait_fraction"])
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.1f}")
+                    if isinstance(stats["loss"], float):  # a logging step (other steps keep GPU values unread)
+                        bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.1f}")
                     if writer is not None:
                         for key, value in stats.items():
-                            writer.add_scalar(f"train/{key}", value, global_step)
+                            if not isinstance(value, Tensor):
+                                writer.add_scalar(f"train/{key}", value, global_step)
+                    # Stop requests are agreed by all ranks after every step: SIGTERM reaches ranks at different
+                    # moments and each measures its own time, and a rank that stopped alone would leave the others
+                    # waiting in the next collective.
                     out_of_time = bool(max_seconds) and time.perf_counter() - start_time >= float(max_seconds)
+                    stop, out_of_time = any_rank(self._stop_signal is not None, out_of_time)
                     done = global_step >= total_steps or out_of_time
-                    if self._stop_signal is not None or (every and global_step % int(every) == 0 and not done):
+                    if stop or (every and global_step % int(every) == 0 and not done):
                         self.save_checkpoint(epoch, step_in_epoch, global_step)
-                    if self._stop_signal is not None:
+                    if stop:
+                        signum = self._stop_signal or signal.SIGTERM  # a rank that was told by another
                         log.warning("stopped by signal; checkpoint saved at global step %d; rerun the same command to "
                                     "resume", global_step)
-                        raise SystemExit(128 + self._stop_signal)
+                        raise SystemExit(128 + signum)
                     if done:
                         break
                     ready = time.perf_counter()
@@ -483,7 +615,9 @@ class DINOTrainer:
             if writer is not None:
                 writer.close()
         elapsed = time.perf_counter() - start_time
-        summary = {"global_step": global_step, "epoch": epoch, "final_loss": stats.get("loss"),
+        final_loss = stats.get("loss")
+        summary = {"global_step": global_step, "epoch": epoch,
+                   "final_loss": float(final_loss) if final_loss is not None else None,
                    "steps_this_run": steps_done, "seconds_this_run": round(elapsed, 2), "data": self.data_description}
         if wait_fractions:
             summary["data_wait_fraction"] = round(wait_total / max(busy_total, 1e-9), 4)

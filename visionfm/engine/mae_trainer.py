@@ -23,8 +23,8 @@ from ..config import check_resumable
 from ..data.augment import MAEAugmentation
 from ..models.vit import create_encoder, set_fused_attention
 from ..objectives.mae import MAELoss, MAEModel, MAESchedules, check_mask_ratio
-from .checkpoint import restart_from_checkpoint, safe_load
-from .dino_trainer import (CHECKPOINT_NAME, DINOTrainer, NonFiniteLossError, check_crop_sizes, make_adamw,
+from .checkpoint import restart_from_checkpoint
+from .dino_trainer import (CHECKPOINT_NAME, DINOTrainer, check_crop_sizes, make_adamw,
                            param_groups, step_seed)
 from .precision import autocast, backward_and_step
 
@@ -126,9 +126,9 @@ class MAETrainer(DINOTrainer):
     def _maybe_resume(self) -> Dict[str, int]:
         position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
         path = self.output / CHECKPOINT_NAME
-        if not path.is_file():
+        ckpt = self._load_checkpoint()
+        if ckpt is None:
             return position
-        ckpt = safe_load(path, map_location=self.device)
         if "model" not in ckpt:
             raise ValueError(f"{path} is not an MAE checkpoint (it holds {', '.join(sorted(ckpt))}): use another "
                              "--output, or pretrain/dino.py to resume a DINO or iBOT run")
@@ -136,7 +136,7 @@ class MAETrainer(DINOTrainer):
                                   bool(self.cfg["train"].get("resume_with_changes")))
         if changes:
             log.warning("resuming under a changed config: %s", changes)
-        restart_from_checkpoint(ckpt, position, map_location=self.device, model=self.model, optimizer=self.optimizer)
+        restart_from_checkpoint(ckpt, position, model=self.model, optimizer=self.optimizer)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.is_main:
@@ -153,9 +153,11 @@ class MAETrainer(DINOTrainer):
         loss on the masked patches, backward (optional gradient clipping: ``optim.clip_grad``), AdamW step."""
         torch.manual_seed(step_seed(self.seed, global_step, self.dist.rank))
         start = time.perf_counter()
-        images = images.to(self.device, non_blocking=True)
-        views = self.augment(images)
-        idx_keep, idx_mask = self.model.random_mask(views.shape[0], self.mask_ratio, device=views.device)
+        def prepare():  # on a side CUDA stream (see DINOTrainer.on_side_stream)
+            views = self.augment(images.to(self.device, non_blocking=True))
+            return (views, *self.model.random_mask(views.shape[0], self.mask_ratio, device=views.device))
+
+        views, idx_keep, idx_mask = self.on_side_stream(prepare)
         augment_s = time.perf_counter() - start  # on a GPU: the launch time (the kernels run asynchronously)
         lr = float(self.schedules.lr[global_step])
         weight_decay = float(self.schedules.weight_decay[global_step])
@@ -166,17 +168,17 @@ class MAETrainer(DINOTrainer):
         with autocast(self.device, self.amp_dtype):
             predictions = self.network(views, idx_keep, idx_mask)
         loss = self.loss_fn(predictions, self.model.patch_targets(views, idx_mask))  # in fp32
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at global step {global_step} (epoch {epoch}); stopping. The last good "
-                f"checkpoint is kept at {self.output / CHECKPOINT_NAME}. Try a lower --lr, a longer warm-up, "
-                "--set optim.clip_grad=1.0, or --set train.precision=fp32")
+        # Finiteness is read on the host only at logging steps and before checkpoints (DINOTrainer._check_finite)
+        self._note_finite(loss)
+        log_now = self._is_log_step(global_step)
+        if log_now:
+            self._check_finite(global_step + 1, loss)
         grad_norm = backward_and_step(loss, self.optimizer, self.scaler, self.trainable,
-                                      self.cfg["optim"].get("clip_grad"))
-        stats = {"loss": loss.item(), "lr": lr, "weight_decay": weight_decay, "augment_s": augment_s}
+                                      self.cfg["optim"].get("clip_grad"), as_tensor=True)
+        stats: Dict[str, Any] = {"loss": loss.detach(), "lr": lr, "weight_decay": weight_decay, "augment_s": augment_s}
         if grad_norm is not None:
-            stats["grad_norm"] = float(grad_norm)
-        return stats
+            stats["grad_norm"] = grad_norm
+        return self._host_stats(stats, log_now)
 
     # ----------------------------------------------------------------------------------------- export
     def encoder_state_dict(self) -> Dict[str, Tensor]:

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import VisionFMError
 from ..modalities import Modality, get_modality
+from ..weights.export import WeightsFileError
 from ..weights.loader import DEFAULT_WEIGHTS_DIR, EncoderInfo, WeightsNotFoundError, load_encoder
 from .text import TextEncoder
 
@@ -41,7 +43,7 @@ IMAGE_POOLS = ("token", "avg", "token+avg")
 ImageInput = Union[Tensor, np.ndarray, "PIL.Image.Image", Sequence[Any]]  # noqa: F821
 
 
-class EncoderMismatchError(ValueError):
+class EncoderMismatchError(VisionFMError, ValueError):
     """CLIP weights whose image encoder file is not the one they were trained on."""
 
 
@@ -388,7 +390,7 @@ class CLIPModel(nn.Module):
 
     def _knowledge(self):
         if self.knowledge is None:
-            from ..tasks.zeroshot.knowledge import KnowledgeBase  # noqa: PLC0415
+            from ..data.knowledge import KnowledgeBase  # noqa: PLC0415
 
             self.knowledge = KnowledgeBase.load()
         return self.knowledge
@@ -529,9 +531,8 @@ class CLIPModel(nn.Module):
             WeightsNotFoundError, EncoderMismatchError, ValueError (a file that is not CLIP weights, or keys that do
             not fit).
         """
-        from safetensors.torch import load_file  # noqa: PLC0415
 
-        from ..weights.export import read_metadata, sha256_file  # noqa: PLC0415
+        from ..weights.export import load_safetensors, read_metadata, sha256_file  # noqa: PLC0415
 
         if weights is None:
             if modality is None:
@@ -542,20 +543,20 @@ class CLIPModel(nn.Module):
             raise WeightsNotFoundError(f"CLIP weights file not found: {path}")
         meta = read_metadata(path)
         if meta.get("format") != CLIP_FORMAT:
-            raise ValueError(f"{path}: not CLIP weights (metadata format {meta.get('format')!r}, expected {CLIP_FORMAT!r})")
+            raise WeightsFileError(f"{path}: not CLIP weights (metadata format {meta.get('format')!r}, expected {CLIP_FORMAT!r})")
         if modality is not None and get_modality(modality).name != meta["image_modality"]:
-            raise ValueError(f"{path}: CLIP weights for {meta['image_modality']}, but modality {modality!r} was requested")
-        state = load_file(str(path))
+            raise WeightsFileError(f"{path}: CLIP weights for {meta['image_modality']}, but modality {modality!r} was requested")
+        state = load_safetensors(path)
         groups: Dict[str, Dict[str, Tensor]] = {"image_proj": {}, "text_proj": {}, "image_encoder": {}, "text_encoder": {}}
         for key, value in state.items():
             prefix, _, rest = key.partition(".")
             if key == "logit_scale":
                 continue
             if prefix not in groups:
-                raise ValueError(f"{path}: unexpected tensor {key!r} in CLIP weights")
+                raise WeightsFileError(f"{path}: unexpected tensor {key!r} in CLIP weights")
             groups[prefix][rest] = value.float() if value.is_floating_point() else value
         if "logit_scale" not in state:
-            raise ValueError(f"{path}: no logit_scale tensor")
+            raise WeightsFileError(f"{path}: no logit_scale tensor")
 
         enc_meta = meta["image_encoder"]
         if enc_meta.get("embedded") == "full":  # a fully tuned encoder travels inside the CLIP weights
@@ -571,7 +572,7 @@ class CLIPModel(nn.Module):
             if enc_path is None:
                 name = enc_meta.get("file")
                 if not name:
-                    raise ValueError(f"{path}: metadata names no image encoder file")
+                    raise WeightsFileError(f"{path}: metadata names no image encoder file")
                 candidates = [path.parent / name]
                 if weights_dir or os.environ.get("VISIONFM_WEIGHTS"):
                     candidates.append(Path(weights_dir or os.environ["VISIONFM_WEIGHTS"]) / name)
@@ -596,7 +597,7 @@ class CLIPModel(nn.Module):
                 own = encoder.state_dict()
                 bad = [k for k, v in groups["image_encoder"].items() if k not in own or own[k].shape != v.shape]
                 if bad:
-                    raise ValueError(f"{path}: tuned image-encoder tensors that do not fit {enc_path}: {bad[:5]}")
+                    raise WeightsFileError(f"{path}: tuned image-encoder tensors that do not fit {enc_path}: {bad[:5]}")
                 encoder.load_state_dict({**own, **groups["image_encoder"]}, strict=True)
         if isinstance(text_encoder, TextEncoder):
             text = text_encoder
@@ -608,13 +609,13 @@ class CLIPModel(nn.Module):
                 log.warning("%s was trained with %s %s, but %s is installed", path, text_meta["name"],
                             text_meta["version"], text.identity.get("version"))
             if text.embed_dim != text_meta.get("hidden_size", text.embed_dim):
-                raise ValueError(f"{path}: trained with a {text_meta['hidden_size']}-d text encoder, "
+                raise WeightsFileError(f"{path}: trained with a {text_meta['hidden_size']}-d text encoder, "
                                  f"{text.identity.get('name')} is {text.embed_dim}-d")
         if groups["text_encoder"]:
             own = text.state_dict()
             bad = [k for k in groups["text_encoder"] if k not in own or own[k].shape != groups["text_encoder"][k].shape]
             if bad:
-                raise ValueError(f"{path}: tuned text-encoder tensors that do not fit {text.identity.get('name')}: {bad[:5]}")
+                raise WeightsFileError(f"{path}: tuned text-encoder tensors that do not fit {text.identity.get('name')}: {bad[:5]}")
             text.load_state_dict({**own, **groups["text_encoder"]}, strict=True)
         model = cls(encoder, info, text, embed_dim=int(meta["embed_dim"]), image_pool=meta["image_pool"],
                     projection_hidden=int(meta.get("projection_hidden", 0)), dropout=float(meta.get("dropout", 0.0)),
@@ -624,7 +625,7 @@ class CLIPModel(nn.Module):
             try:
                 getattr(model, name).load_state_dict(groups[name], strict=True)
             except RuntimeError as err:  # torch lists the missing and unexpected keys
-                raise ValueError(f"{path}: {name} keys do not fit the metadata's projection: {err}") from None
+                raise WeightsFileError(f"{path}: {name} keys do not fit the metadata's projection: {err}") from None
         with torch.no_grad():
             model.logit_scale.copy_(state["logit_scale"].float().reshape(()))
         model.metadata = meta

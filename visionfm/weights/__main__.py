@@ -1,5 +1,6 @@
 """``python -m visionfm.weights list | verify | convert SRC --modality M``."""
 
+from ..errors import run_cli
 from .cli import main
 
-raise SystemExit(main())
+raise SystemExit(run_cli(main))

@@ -4,6 +4,7 @@ Examples:
     python -m visionfm.weights list
     python -m visionfm.weights verify
     python -m visionfm.weights convert VFM_Fundus_weights.pth --modality Fundus
+    python -m visionfm.weights export-onnx cfp --output cfp.onnx
     python -m visionfm.weights convert RETFound_cfp_weights.pth --modality cfp --trust-pickle \\
         --output /tmp/retfound_cfp.safetensors
 """
@@ -18,13 +19,13 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO
 
 import torch
 
-from ..engine.checkpoint import UnsafeCheckpointError
+from ..errors import UnsafeCheckpointError, UserInputError
 from ..modalities import get_modality
 from .export import INDEX_NAME, read_index, read_metadata, save_encoder, sha256_file, update_index
 from .formats import read_foreign_checkpoint
 from .loader import _build_from_state, _weights_dir, load_encoder
 
-__all__ = ["build_parser", "main", "list_weights", "verify_weights", "convert_checkpoint"]
+__all__ = ["build_parser", "main", "list_weights", "verify_weights", "convert_checkpoint", "export_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +139,13 @@ def convert_checkpoint(source: Path, modality: str, output: Optional[Path] = Non
                                       checkpoint_key=checkpoint_key, num_heads=num_heads, mean=mean, std=std)
     meta = foreign.metadata
     if meta["modality"] != requested.name:
-        raise ValueError(f"{source}: the checkpoint was trained on {meta['modality']} images, but --modality "
+        raise UserInputError(f"{source}: the checkpoint was trained on {meta['modality']} images, but --modality "
                          f"{modality} ({requested.name}) was given; pass --modality {meta['modality']}")
     encoder, _ = _build_from_state(foreign.state, meta, requested.name, Path(source), None, None, 0.0,
                                    foreign.report, num_heads)
     target = Path(output) if output else _weights_dir(weights_dir) / f"{requested.name}_{meta['arch']}.safetensors"
     if target.suffix != ".safetensors":
-        raise ValueError(f"--output {target}: the file name must end in .safetensors")
+        raise UserInputError(f"--output {target}: the file name must end in .safetensors")
     if target.exists() and not force:
         raise FileExistsError(f"{target} exists; pass --force to replace it")
     meta = {**meta, "dtype": dtype}
@@ -164,7 +165,7 @@ def convert_checkpoint(source: Path, modality: str, output: Optional[Path] = Non
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m visionfm.weights",
-                                     description="List, verify and convert VisionFM encoder weights.")
+                                     description="List, verify, convert and export (ONNX) VisionFM encoder weights.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step (key reports included)")
     commands = parser.add_subparsers(dest="command", required=True)
     dir_help = "weights folder (default: $VISIONFM_WEIGHTS or the checkout's weights/)"
@@ -194,7 +195,49 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--trust-pickle", action="store_true",
                          help="fully unpickle a .pth the safe loader refuses. A pickle can run arbitrary code "
                               "when loaded: only for files from a source you trust")
+
+    onnx = commands.add_parser("export-onnx", help="export an encoder to ONNX (dynamic batch axis), checked against "
+                                                   "PyTorch with onnxruntime")
+    onnx.add_argument("modality", help="modality whose encoder is exported (cfp, oct, ...)")
+    onnx.add_argument("--weights", type=Path, default=None, metavar="PATH",
+                      help="encoder weights (default: weights/<modality>_<arch>.safetensors)")
+    onnx.add_argument("--weights-dir", type=Path, default=None, help=dir_help)
+    onnx.add_argument("--output", type=Path, required=True, metavar="FILE", help="the .onnx file to write")
+    onnx.add_argument("--img-size", type=int, default=224,
+                      help="input height and width of the exported graph (fixed; the batch axis is dynamic)")
+    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    onnx.add_argument("--check-images", default=None, metavar="DIR|CSV",
+                      help="compare ONNX and PyTorch on up to 4 of these images (default: 3 random inputs)")
+    onnx.add_argument("--tolerance", type=float, default=1e-3,
+                      help="largest absolute difference between onnxruntime and PyTorch features accepted")
     return parser
+
+
+def export_onnx(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
+    """``export-onnx``: write the encoder as ONNX, run it with onnxruntime against PyTorch, print the largest
+    absolute difference; exit status 1 when it exceeds ``--tolerance`` (the file is then removed)."""
+    from ..errors import VisionFMError  # noqa: PLC0415
+    from .onnx import check_images, check_onnx, export_encoder_onnx  # noqa: PLC0415
+
+    out = out or sys.stdout
+    modality = get_modality(args.modality).name
+    encoder, info = load_encoder(modality, weights=args.weights, img_size=args.img_size,
+                                 weights_dir=args.weights_dir)
+    encoder.eval()
+    meta = {"modality": modality, "arch": info.arch, "source": info.source, "img_size": info.img_size,
+            "mean": list(info.mean), "std": list(info.std), "output": "pooled class token (encoder(images))"}
+    path = export_encoder_onnx(encoder, args.output, info.img_size, args.opset, meta)
+    inputs, what = check_images(args.check_images, modality, info.img_size, info.patch_size, info.mean, info.std)
+    diff, shape = check_onnx(path, encoder, inputs)
+    print(f"exported {modality} {info.arch} encoder ({info.source}) -> {path}", file=out)
+    print(f"  input 'images' (batch, 3, {info.img_size}, {info.img_size}) normalised with mean {list(info.mean)} std "
+          f"{list(info.std)}; output 'features' (batch, {info.embed_dim}); batch axis dynamic", file=out)
+    print(f"  onnxruntime vs PyTorch on {what}: output {shape}, largest absolute difference {diff:.3g}", file=out)
+    if not diff <= args.tolerance:
+        path.unlink()
+        raise VisionFMError(f"{path}: onnxruntime and PyTorch differ by {diff:.3g} > --tolerance {args.tolerance}; "
+                            f"the file was removed")
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -205,6 +248,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return list_weights(_weights_dir(args.weights_dir))
         if args.command == "verify":
             return verify_weights(_weights_dir(args.weights_dir))
+        if args.command == "export-onnx":
+            return export_onnx(args)
         convert_checkpoint(args.source, args.modality, output=args.output, weights_dir=args.weights_dir,
                            allow_pickle=args.trust_pickle, checkpoint_key=args.checkpoint_key,
                            num_heads=args.num_heads, mean=args.mean, std=args.std, dtype=args.dtype,

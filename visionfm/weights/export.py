@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
-__all__ = ["METADATA_KEY", "INDEX_NAME", "sha256_file", "save_encoder", "read_metadata", "update_index",
-           "read_index"]
+from ..errors import VisionFMError
+
+__all__ = ["METADATA_KEY", "INDEX_NAME", "WeightsFileError", "sha256_file", "save_encoder", "read_metadata",
+           "load_safetensors", "update_index", "read_index"]
 
 METADATA_KEY = "visionfm"
 INDEX_NAME = "index.json"
@@ -59,11 +61,41 @@ def save_encoder(state_dict: Mapping[str, torch.Tensor], path: "str | os.PathLik
     return sha256_file(path)
 
 
+class WeightsFileError(VisionFMError, ValueError):
+    """A weights file that cannot be read (truncated, random bytes, another format); the message names it."""
+
+
+def _unreadable(path: "str | os.PathLike", err: Exception) -> WeightsFileError:
+    return WeightsFileError(f"{path}: not a readable safetensors file ({err}); is it truncated or in another format?")
+
+
 def read_metadata(path: "str | os.PathLike") -> Dict[str, Any]:
-    """The metadata stored in a safetensors file's header (empty when it has none of ours)."""
-    with safe_open(str(path), framework="pt") as fh:
-        raw = (fh.metadata() or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
+    """The metadata stored in a safetensors file's header (empty when it has none of ours).
+
+    Raises:
+        WeightsFileError: the file is not a readable safetensors file.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _unreadable(path, err) from None
+    try:
+        return json.loads(raw) if raw else {}
+    except json.JSONDecodeError as err:
+        raise WeightsFileError(f"{path}: its {METADATA_KEY!r} metadata is not valid JSON ({err})") from None
+
+
+def load_safetensors(path: "str | os.PathLike") -> Dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (on the CPU).
+
+    Raises:
+        WeightsFileError: the file is not a readable safetensors file.
+    """
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _unreadable(path, err) from None
 
 
 def read_index(weights_dir: "str | os.PathLike") -> Dict[str, Dict[str, Any]]:

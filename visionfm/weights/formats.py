@@ -45,19 +45,22 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 from ..modalities import MODALITIES, get_modality
 from ..models.vit import ARCHS, create_encoder
-from .export import read_metadata
+from .export import WeightsFileError, load_safetensors, read_metadata
 from .safety import load_checkpoint
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "VISIONFM_NORMALISATION", "FOREIGN_FORMATS", "KeyReport", "ViTSpec",
            "ForeignCheckpoint", "read_foreign_checkpoint", "load_foreign_checkpoint", "map_to_timm", "infer_spec",
-           "build_encoder", "arch_name"]
+           "build_encoder", "arch_name", "WeightsFormatError"]
 
 log = logging.getLogger(__name__)
+
+
+class WeightsFormatError(WeightsFileError):
+    """A checkpoint whose layout, shapes or metadata do not map onto our encoder; the message names the file."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -254,11 +257,11 @@ def _resolve_heads(embed_dim: int, depth: int, meta: Mapping[str, Any], num_head
     elif embed_dim in _HEADS_BY_WIDTH:
         heads = _HEADS_BY_WIDTH[embed_dim]
     else:
-        raise ValueError(f"{where}: cannot tell how many attention heads this {embed_dim}-wide ViT has (the "
+        raise WeightsFormatError(f"{where}: cannot tell how many attention heads this {embed_dim}-wide ViT has (the "
                          f"weights do not show how qkv is split and no metadata names it); pass num_heads= "
                          f"(--num-heads N on the command line)")
     if heads <= 0 or embed_dim % heads:
-        raise ValueError(f"{where}: {heads} heads do not divide the embedding width {embed_dim}")
+        raise WeightsFormatError(f"{where}: {heads} heads do not divide the embedding width {embed_dim}")
     return heads
 
 
@@ -277,25 +280,25 @@ def infer_spec(state: Mapping[str, torch.Tensor], meta: Optional[Mapping[str, An
     """
     meta = dict(meta or {})
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
-        raise ValueError(f"{where}: not a ViT encoder state (no pos_embed / patch_embed.proj.weight keys; "
+        raise WeightsFormatError(f"{where}: not a ViT encoder state (no pos_embed / patch_embed.proj.weight keys; "
                          f"first keys: {sorted(state)[:8]})")
     proj = state["patch_embed.proj.weight"]
     if proj.ndim != 4 or proj.shape[-1] != proj.shape[-2]:
-        raise ValueError(f"{where}: patch_embed.proj.weight has shape {tuple(proj.shape)}; expected a square "
+        raise WeightsFormatError(f"{where}: patch_embed.proj.weight has shape {tuple(proj.shape)}; expected a square "
                          f"convolution (D, 3, p, p)")
     if proj.shape[1] != 3:
-        raise ValueError(f"{where}: the patch embedding takes {proj.shape[1]} input channels; encoders here take 3 "
+        raise WeightsFormatError(f"{where}: the patch embedding takes {proj.shape[1]} input channels; encoders here take 3 "
                          f"(grey images are repeated)")
     embed_dim, patch = int(proj.shape[0]), int(proj.shape[-1])
     if any(".mlp.w12." in k or ".mlp.w3." in k for k in state):
-        raise ValueError(f"{where}: SwiGLU MLP blocks (mlp.w12 / mlp.w3, as in DINOv2 ViT-g) are not supported: "
+        raise WeightsFormatError(f"{where}: SwiGLU MLP blocks (mlp.w12 / mlp.w3, as in DINOv2 ViT-g) are not supported: "
                          f"our encoders are timm ViTs with a GELU MLP; use a DINOv2 ViT-S/B/L checkpoint")
     indices = sorted({int(m.group(1)) for k in state if (m := re.match(r"^blocks\.(\d+)\.", k))})
     if not indices or indices != list(range(len(indices))):
-        raise ValueError(f"{where}: transformer blocks are missing or not numbered 0..N-1 (found {indices[:6]}...)")
+        raise WeightsFormatError(f"{where}: transformer blocks are missing or not numbered 0..N-1 (found {indices[:6]}...)")
     depth = len(indices)
     if "blocks.0.mlp.fc1.weight" not in state:
-        raise ValueError(f"{where}: blocks.0.mlp.fc1.weight is missing: not a timm-layout ViT block")
+        raise WeightsFormatError(f"{where}: blocks.0.mlp.fc1.weight is missing: not a timm-layout ViT block")
     mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
     heads = _resolve_heads(embed_dim, depth, meta, num_heads, where)
 
@@ -309,11 +312,11 @@ def infer_spec(state: Mapping[str, torch.Tensor], meta: Optional[Mapping[str, An
         no_embed_class = _square_side(tokens - prefix) is None and _square_side(tokens) is not None
     grid = _square_side(tokens if no_embed_class else tokens - prefix)
     if grid is None:
-        raise ValueError(f"{where}: pos_embed has {tokens} tokens, which is not {prefix} prefix token(s) plus a "
+        raise WeightsFormatError(f"{where}: pos_embed has {tokens} tokens, which is not {prefix} prefix token(s) plus a "
                          f"square patch grid")
     has_norm, has_fc_norm = "norm.weight" in state, "fc_norm.weight" in state
     if has_norm and has_fc_norm:
-        raise ValueError(f"{where}: holds both a final norm and fc_norm; a timm ViT has one or the other")
+        raise WeightsFormatError(f"{where}: holds both a final norm and fc_norm; a timm ViT has one or the other")
     return ViTSpec(embed_dim=embed_dim, depth=depth, num_heads=heads, patch_size=patch, grid=grid,
                    mlp_ratio=float(mlp_ratio), qkv_bias="blocks.0.attn.qkv.bias" in state,
                    qk_norm="blocks.0.attn.q_norm.weight" in state, layer_scale="blocks.0.ls1.gamma" in state,
@@ -361,7 +364,7 @@ def map_to_timm(state: Mapping[str, torch.Tensor], source_format: str) -> Tuple[
         ``(timm_state, report)``; the report lists the dropped keys by reason.
     """
     if source_format not in FOREIGN_FORMATS:
-        raise ValueError(f"unknown checkpoint layout {source_format!r}; known: {', '.join(FOREIGN_FORMATS)}")
+        raise WeightsFormatError(f"unknown checkpoint layout {source_format!r}; known: {', '.join(FOREIGN_FORMATS)}")
     keys = {_strip_prefixes(k): v for k, v in state.items()}
     if any(k.startswith("backbone.") for k in keys):
         # multi-crop wrappers (DINO, iBOT, VisionFM, DINOv2): the encoder is under backbone., heads beside it
@@ -446,23 +449,23 @@ def _is_tensor_dict(obj: Any) -> bool:
 def _pick_state(obj: Any, path: Path, checkpoint_key: Optional[str]) -> Tuple[Dict[str, torch.Tensor], str, Dict]:
     """Find the encoder state inside a loaded checkpoint: ``(state, layout, args)``."""
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict or a checkpoint dict")
+        raise WeightsFormatError(f"{path}: holds a {type(obj).__name__}, not a state dict or a checkpoint dict")
     args = _args_dict(obj.get("args"))
     if checkpoint_key is not None:
         if checkpoint_key not in obj:
-            raise ValueError(f"{path}: no entry {checkpoint_key!r} (top-level keys: {sorted(map(str, obj))})")
+            raise WeightsFormatError(f"{path}: no entry {checkpoint_key!r} (top-level keys: {sorted(map(str, obj))})")
         entry = checkpoint_key
     elif _is_tensor_dict(obj):
         entry = None
     else:
         entry = next((k for k in ("teacher", "student", "model", "state_dict") if k in obj), None)
         if entry is None:
-            raise ValueError(f"{path}: found no encoder weights: top-level keys are {sorted(map(str, obj))}; "
+            raise WeightsFormatError(f"{path}: found no encoder weights: top-level keys are {sorted(map(str, obj))}; "
                              f"expected a state dict or one of teacher / student / model / state_dict "
                              f"(choose one with checkpoint_key= / --checkpoint-key)")
     state = obj if entry is None else obj[entry]
     if not _is_tensor_dict(state):
-        raise ValueError(f"{path}: entry {entry!r} is not a dict of tensors" if entry else
+        raise WeightsFormatError(f"{path}: entry {entry!r} is not a dict of tensors" if entry else
                          f"{path}: not a dict of tensors")
     state = dict(state)
     if entry in ("teacher", "student"):
@@ -480,7 +483,11 @@ def _pick_state(obj: Any, path: Path, checkpoint_key: Optional[str]) -> Tuple[Di
         if layout == "ibot" and _visionfm_source_modality(path, args) is not None:
             layout = "visionfm-official"
     log.info("%s: reading %s (%s layout)", path, f"entry {entry!r}" if entry else "a bare state dict", layout)
-    return state, layout, {**args, "_entry": entry, "_epoch": obj.get("epoch") if entry else None}
+    # Our own training checkpoints (pretrain/dino.py, mae.py) carry the run's config: the modality it names
+    # decides the normalisation the encoder was trained with, not the layout's default.
+    config = obj.get("config") if isinstance(obj.get("config"), Mapping) else None
+    return state, layout, {**args, "_entry": entry, "_epoch": obj.get("epoch") if entry else None,
+                           "_config": config}
 
 
 def read_foreign_checkpoint(path: "str | os.PathLike", modality: str, allow_pickle: bool = False,
@@ -511,7 +518,7 @@ def read_foreign_checkpoint(path: "str | os.PathLike", modality: str, allow_pick
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         ours = read_metadata(path)
-        raw = load_file(str(path))
+        raw = load_safetensors(path)
         layout = "visionfm" if ours else _sniff(raw)
         args: Dict[str, Any] = {"_entry": None, "_epoch": None}
         source_meta = dict(ours)
@@ -524,23 +531,30 @@ def read_foreign_checkpoint(path: "str | os.PathLike", modality: str, allow_pick
         hints["arch"] = args.get("arch") or args.get("model")
     spec = infer_spec(state, hints, num_heads=num_heads, where=str(path))
     if args.get("patch_size") and int(args["patch_size"]) != spec.patch_size:
-        raise ValueError(f"{path}: args.patch_size is {args['patch_size']} but the patch embedding is "
+        raise WeightsFormatError(f"{path}: args.patch_size is {args['patch_size']} but the patch embedding is "
                          f"{spec.patch_size}x{spec.patch_size}")
 
+    run_config = args.get("_config") or {}
+    trained_on = run_config.get("modality") if isinstance(run_config.get("modality"), str) else None
     source_modality = source_meta.get("modality") or (_visionfm_source_modality(path, args)
                                                       if layout == "visionfm-official" else None)
+    if trained_on and not source_modality:
+        source_modality = get_modality(trained_on).name
     if source_modality and source_modality != requested.name:
         log.warning("%s: the checkpoint was trained on %s images but %s was requested; keeping %s in the "
                     "metadata", path, source_modality, requested.name, source_modality)
     modality_name = source_modality or requested.name
     if mean is not None or std is not None:
         if mean is None or std is None or len(mean) != 3 or len(std) != 3:
-            raise ValueError("mean and std overrides need 3 values each, given together")
+            raise WeightsFormatError("mean and std overrides need 3 values each, given together")
         norm, norm_source = (tuple(map(float, mean)), tuple(map(float, std))), "user override"
     elif layout == "visionfm":
         fallback = MODALITIES[modality_name]
         norm = (tuple(source_meta.get("mean") or fallback.mean), tuple(source_meta.get("std") or fallback.std))
         norm_source = source_meta.get("normalisation_source", "visionfm export")
+    elif trained_on:
+        m = MODALITIES[modality_name]
+        norm, norm_source = (tuple(m.mean), tuple(m.std)), f"the {m.name} modality of the run's config"
     elif layout == "visionfm-official":
         if modality_name in VISIONFM_NORMALISATION:
             norm, norm_source = VISIONFM_NORMALISATION[modality_name], "VisionFM pretraining statistics"
@@ -564,7 +578,7 @@ def read_foreign_checkpoint(path: "str | os.PathLike", modality: str, allow_pick
     if layout != "visionfm":
         label = {"visionfm-official": "VisionFM official pretraining", "mae": "MAE/RETFound"}.get(layout, layout)
         metadata.update({
-            "objective": _OBJECTIVE[layout],
+            "objective": str(run_config.get("objective") or _OBJECTIVE[layout]),
             "source_format": layout,
             "source_file": path.name,
             "data": f"{label} checkpoint {path.name}" + (f" ({modality_name})" if source_modality else ""),

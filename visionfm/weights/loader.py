@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
+from ..errors import VisionFMError
 from ..modalities import get_modality
 from ..models.vit import create_encoder, interpolate_pos_embed
-from .export import read_index, read_metadata
-from .formats import KeyReport, build_encoder, infer_spec, read_foreign_checkpoint
+from .export import load_safetensors, read_index, read_metadata
+from .formats import KeyReport, WeightsFormatError, build_encoder, infer_spec, read_foreign_checkpoint
 
 __all__ = ["DEFAULT_WEIGHTS_DIR", "EncoderInfo", "WeightsNotFoundError", "resolve_weights", "load_encoder"]
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(VisionFMError, FileNotFoundError):
     """No weights file for the request; the message lists what is available and how to get more."""
 
 
@@ -125,7 +125,7 @@ def load_encoder(modality: str, weights: "str | os.PathLike | None" = None, arch
         raise WeightsNotFoundError(f"weights file not found: {path}")
     meta = read_metadata(path) if path.suffix == ".safetensors" else {}
     if meta:
-        state = load_file(str(path))
+        state = load_safetensors(path)
         report = KeyReport("visionfm")
     else:
         foreign = read_foreign_checkpoint(path, m.name, allow_pickle=allow_pickle, checkpoint_key=checkpoint_key,
@@ -142,10 +142,10 @@ def _build_from_state(state: Dict[str, torch.Tensor], meta: Dict[str, Any], moda
     file_arch = spec.arch
     stated = meta.get("arch")
     if stated and stated.split("_patch")[0] != file_arch:
-        raise ValueError(f"{path}: metadata says {stated}, but the weights are a {file_arch} "
+        raise WeightsFormatError(f"{path}: metadata says {stated}, but the weights are a {file_arch} "
                          f"({spec.embed_dim} wide, {spec.depth} blocks, {spec.num_heads} heads)")
     if arch and arch.split("_patch")[0] != file_arch:
-        raise ValueError(f"{path}: holds a {file_arch} encoder, but {arch} was requested")
+        raise WeightsFormatError(f"{path}: holds a {file_arch} encoder, but {arch} was requested")
     patch = spec.patch_size
     size = img_size or spec.img_size
     if size % patch:
@@ -178,7 +178,7 @@ def _load_exactly(encoder: VisionTransformer, state: Dict[str, torch.Tensor], pa
               for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
     if report.missing or report.unexpected or shapes:
         dropped = "; ".join(f"{why}: {len(keys)}" for why, keys in sorted(report.dropped.items())) or "none"
-        raise ValueError(f"{path}: does not map exactly onto a {arch} encoder ({report.source_format} layout): "
+        raise WeightsFormatError(f"{path}: does not map exactly onto a {arch} encoder ({report.source_format} layout): "
                          f"missing {report.missing or 'none'}; unexpected {report.unexpected or 'none'}; "
                          f"shape mismatches {shapes or 'none'}; known keys dropped: {dropped}")
     encoder.load_state_dict(state, strict=True)

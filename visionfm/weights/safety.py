@@ -26,7 +26,8 @@ from typing import Any, List
 
 import torch
 
-from ..engine.checkpoint import UnsafeCheckpointError
+from ..errors import UnsafeCheckpointError
+from .export import WeightsFileError
 
 __all__ = ["ALLOWED_GLOBALS", "UnsafeCheckpointError", "load_checkpoint", "unsafe_globals"]
 
@@ -80,7 +81,7 @@ def load_checkpoint(path: "str | os.PathLike", allow_pickle: bool = False,
         message = str(err)
         names = unsafe_globals(path) or sorted(set(_GLOBAL_IN_MESSAGE.findall(message)) - _ALLOWED_NAMES)
         if not names and "global" not in message.lower():
-            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({message.strip().splitlines()[-1]})") \
+            raise WeightsFileError(f"{path}: not a readable PyTorch checkpoint ({message.strip().splitlines()[-1]})") \
                 from None
         raise UnsafeCheckpointError(
             f"{path}: refused to load: the checkpoint asks to import and call {', '.join(names) or 'objects'} "
@@ -91,4 +92,4 @@ def load_checkpoint(path: "str | os.PathLike", allow_pickle: bool = False,
             f"(load_encoder / load_foreign_checkpoint), ideally once, to convert it to safetensors.") from None
     except Exception as err:  # truncated or foreign bytes fail in many ways inside the unpickler
         first = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({err.__class__.__name__}: {first})") from None
+        raise WeightsFileError(f"{path}: not a readable PyTorch checkpoint ({err.__class__.__name__}: {first})") from None

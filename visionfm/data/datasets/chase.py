@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .generic_seg import DatasetNotFoundError, SegSample, SegSplits, list_images, match_by_stem
+from .locate import dataset_folder
 
 __all__ = ["FOLDER", "LAYOUT", "N_TRAIN", "load_chase"]
 
@@ -60,7 +61,8 @@ def load_chase(data_root: "str | Path") -> SegSplits:
     Raises:
         DatasetNotFoundError: the folder is missing or in neither layout; the message gives both.
     """
-    root = Path(data_root) / FOLDER
+    root = dataset_folder(data_root, FOLDER, lambda p: (p / "training").is_dir() or (p / "images").is_dir()
+                          or any(f.suffix.lower() in (".jpg", ".png") for f in p.iterdir()))
     if not root.is_dir():
         raise DatasetNotFoundError(
             f"dataset CHASE_DB1 not found: {root} does not exist. Put it there (expected layout {LAYOUT}) or pass "

@@ -19,13 +19,14 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ...tasks.detection.boxes import DetectionRecord, check_boxes
+from ...errors import VisionFMError
+from ..boxes import DetectionRecord, check_boxes
 from ..io import check_image
 
 __all__ = ["CocoFormatError", "load_coco"]
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(VisionFMError, ValueError):
     """An annotation file that is not usable COCO; the message names the file and the entry."""
 
 

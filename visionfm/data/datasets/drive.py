@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List
 
 from .generic_seg import DatasetNotFoundError, SegSample, SegSplits, list_images
+from .locate import dataset_folder
 
 __all__ = ["FOLDER", "LAYOUT", "load_drive"]
 
@@ -50,7 +51,7 @@ def load_drive(data_root: "str | Path") -> SegSplits:
     Raises:
         DatasetNotFoundError: the folder is missing or incomplete; the message gives the expected layout.
     """
-    root = Path(data_root) / FOLDER
+    root = dataset_folder(data_root, FOLDER, lambda p: (p / "training").is_dir() and (p / "test").is_dir())
     if not root.is_dir():
         raise DatasetNotFoundError(
             f"dataset DRIVE not found: {root} does not exist. Put DRIVE there (expected layout {LAYOUT}) or pass "

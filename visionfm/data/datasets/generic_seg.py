@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..io import ImageReadError, is_image_file, read_image
-from .oct_fundus import DatasetNotFoundError
+from .locate import DatasetNotFoundError
 
 __all__ = ["DatasetNotFoundError", "SegSample", "SegSplits", "read_mask", "fov_from_image", "list_images",
            "match_by_stem", "load_generic", "GENERIC_LAYOUT"]

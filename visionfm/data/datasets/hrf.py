@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .generic_seg import DatasetNotFoundError, SegSample, SegSplits, list_images, match_by_stem
+from .locate import dataset_folder
 
 __all__ = ["FOLDER", "LAYOUT", "load_hrf"]
 
@@ -20,7 +21,7 @@ LAYOUT = "HRF/images/NN_{h,g,dr}.jpg, HRF/manual1/NN_{h,g,dr}.tif, HRF/mask/NN_{
 
 def load_hrf(data_root: "str | Path", n_train_per_category: int = 5) -> SegSplits:
     """The HRF training (01-05 of each category) and test (06-15) images under ``<data_root>/HRF``."""
-    root = Path(data_root) / FOLDER
+    root = dataset_folder(data_root, FOLDER, lambda p: (p / "images").is_dir() and (p / "manual1").is_dir())
     if not root.is_dir():
         raise DatasetNotFoundError(
             f"dataset HRF not found: {root} does not exist. Put it there (expected layout {LAYOUT}) or pass "

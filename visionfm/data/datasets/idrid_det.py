@@ -9,7 +9,7 @@ Targets and protocols:
   fixed seeded shuffle form the validation split; test: the 27 images of ``b. Testing Set``.
 * ``lesions``, part A, same splits: classes ``haemorrhage`` (HE), ``hard_exudate`` (EX), ``soft_exudate`` (SE);
   boxes from connected components of each mask, merged and filtered by
-  :func:`visionfm.tasks.detection.boxes.component_boxes` (``merge_gap`` and ``min_size`` at the original
+  :func:`visionfm.data.boxes.component_boxes` (``merge_gap`` and ``min_size`` at the original
   resolution; defaults in ``configs/det/default.yaml``). A missing lesion mask means the lesion is absent.
   Microaneurysms are left out: at 10-20 pixels in a 4288-pixel image they vanish at detector resolution.
 * ``fovea`` (and ``od`` with ``source="localization"``), part C: a ``box_size`` square around each centre point
@@ -36,10 +36,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ...tasks.detection.boxes import DetectionRecord, check_boxes, component_boxes, mask_box, point_box
+from ..boxes import DetectionRecord, check_boxes, component_boxes, mask_box, point_box
 from ..io import check_image, is_image_file
 from .generic_seg import DatasetNotFoundError, read_mask
 from .idrid_seg import FOLDER, list_pairs
+from .locate import dataset_folder
 
 __all__ = ["TARGET_CLASSES", "LESION_CODES", "NOMINAL_DISC_DIAMETER", "SPLITS", "read_markups",
            "load_idrid_detection"]
@@ -180,7 +181,7 @@ def _loc_images(root: Path, split: str) -> Dict[str, Path]:
 
 def _loc_records(data_root: Path, target: str, split: str, val_count: int, test_count: int,
                  limit: Optional[int], box_size: float, disc_diameter: float) -> List[DetectionRecord]:
-    root = data_root / FOLDER / LOC_PART
+    root = dataset_folder(data_root, FOLDER, lambda p: (p / LOC_PART).is_dir()) / LOC_PART
     if not root.is_dir():
         raise DatasetNotFoundError(f"dataset IDRiD (localisation) not found: {root} does not exist; expected "
                                    f"IDRiD/{LOC_PART}/1. Original Images/... and 2. Groundtruths/... (pass --data-root)")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .generic_seg import DatasetNotFoundError, SegSample, SegSplits, list_images
+from .locate import dataset_folder
 
 __all__ = ["FOLDER", "PART", "TARGETS", "SPLIT_FOLDERS", "LAYOUT", "IDRiDSegImage", "list_pairs", "load_idrid_seg"]
 
@@ -53,7 +54,7 @@ class IDRiDSegImage:
 
 
 def _root(data_root: "str | Path") -> Path:
-    root = Path(data_root) / FOLDER / PART
+    root = dataset_folder(data_root, FOLDER, lambda p: (p / PART).is_dir()) / PART
     if not root.is_dir():
         raise DatasetNotFoundError(
             f"dataset IDRiD (segmentation) not found: {root} does not exist. Put IDRiD's '{PART}' folder there "

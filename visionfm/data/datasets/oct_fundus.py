@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ...modalities import get_modality
+from .locate import DatasetNotFoundError, dataset_folder
 
 __all__ = ["FOLDER", "DR_GRADES", "LabeledImage", "DatasetNotFoundError", "read_records", "patient_splits",
            "load_splits"]
@@ -25,10 +26,6 @@ FOLDER = "OCT_AND_EYE_FUNDUS_DME_DR"
 DR_GRADES = {"0": 0, "NPDR": 1, "PDR": 2}
 _LABEL_FILES = {"oct": ("OCT_subset.csv", "OCT.csv"), "cfp": ("EYE_FUNDUS_subset.csv", "EYE FUNDUS.csv")}
 _NAME = re.compile(r"^(?P<patient>\d+)_(?P<eye>O[DI])_(?P<kind>[of])_(?P<n>\d+)$", re.IGNORECASE)
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset folder that is missing or not in the expected layout."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,7 @@ def read_records(data_root: "str | Path", modality: str) -> List[LabeledImage]:
     m = get_modality(modality).name
     if m not in _LABEL_FILES:
         raise ValueError(f"{FOLDER} holds OCT and colour fundus images; modality {m!r} is not in it")
-    root = Path(data_root) / FOLDER
+    root = dataset_folder(data_root, FOLDER, lambda p: any((p / n).is_file() for n in _LABEL_FILES[m]))
     if not root.is_dir():
         raise DatasetNotFoundError(f"dataset OCT_DME not found: {root} does not exist; {_layout_help(Path(data_root))}")
     csv_path = next((root / n for n in _LABEL_FILES[m] if (root / n).is_file()), None)

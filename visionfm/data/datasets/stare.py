@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .generic_seg import DatasetNotFoundError, SegSample, SegSplits, list_images
+from .locate import dataset_folder
 
 __all__ = ["FOLDER", "LAYOUT", "load_stare"]
 
@@ -21,7 +22,7 @@ LAYOUT = "STARE/stare-images/imNNNN.ppm + STARE/labels-ah/imNNNN.ah.ppm (decompr
 
 def load_stare(data_root: "str | Path", n_train: int = 10) -> SegSplits:
     """The STARE training (first 10 labelled) and test (last 10) images under ``<data_root>/STARE``."""
-    root = Path(data_root) / FOLDER
+    root = dataset_folder(data_root, FOLDER, lambda p: any((p / d).is_dir() for d in ("stare-images", "images")))
     if not root.is_dir():
         raise DatasetNotFoundError(
             f"dataset STARE not found: {root} does not exist. Put it there (expected layout {LAYOUT}) or pass "

@@ -8,11 +8,11 @@ import logging
 import sys
 from typing import Any, Dict, List, Optional
 
-from ...cli import add_common_arguments
+from ...cli import HelpFormatter, add_common_arguments
 from ...config import CONFIG_DIR, ConfigError, build_config
 from ...modalities import MODALITIES, UnknownModalityError, get_modality
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = ["build_parser", "build_predict_parser", "config_from_args", "main"]
 
 
 def build_parser(prog: str = "downstream/cls.py") -> argparse.ArgumentParser:
@@ -22,8 +22,9 @@ def build_parser(prog: str = "downstream/cls.py") -> argparse.ArgumentParser:
                     "weighted k-NN, or full fine-tuning. Model selection uses the validation split only; the test "
                     "split is evaluated once at the end. Writes <output>/metrics.json (metrics over the whole split "
                     "with bootstrap confidence intervals), confusion_matrix.png, roc_curves.png, "
-                    "predictions_test.csv and TensorBoard logs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "predictions_test.csv and TensorBoard logs. --eval-only --checkpoint scores a saved model "
+                    "without training; 'downstream/cls.py predict --help' applies one to a folder of new images.",
+        formatter_class=HelpFormatter)
     parser.add_argument("--dataset", default=None,
                         help="OCT_DME (the OCT/fundus DME-DR set under --data-root), EyeDisease4 (4 fundus classes; "
                              "its 'test' is a 20 %% carve of train/, the real test split being held back), "
@@ -58,8 +59,45 @@ def build_parser(prog: str = "downstream/cls.py") -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, help="fine-tuning batch size")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None,
                         help="autocast: auto = bf16 where the CPU/GPU has it")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="no training: score --checkpoint on the dataset's validation and test splits")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="--eval-only: a model.pt (fine-tuning) or head.pt (probe) written by this script")
     add_common_arguments(parser, default_output="runs/cls")
     return parser
+
+
+def build_predict_parser() -> argparse.ArgumentParser:
+    """``downstream/cls.py predict``: probabilities per class and the predicted class of new images."""
+    from ...cli import output_folder, positive_int  # noqa: PLC0415
+    from ...inference.embed_cli import add_input_arguments  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="downstream/cls.py predict",
+        description="Apply a trained classifier to a folder (or CSV) of images: <output>/predictions.csv with the "
+                    "path, the predicted class and the probability of every class per image. Images are read as the "
+                    "classifier's training images were (modality, size, normalisation stored in the checkpoint).",
+        formatter_class=HelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="model.pt (--mode finetune) or head.pt (--mode linear) written by downstream/cls.py")
+    parser.add_argument("--output", default="runs/cls_predict", metavar="DIR", type=output_folder,
+                        help="folder for predictions.csv")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
+    add_input_arguments(parser)
+    return parser
+
+
+def _predict(argv: List[str]) -> int:
+    args = build_predict_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    from ...cli import resolve_device  # noqa: PLC0415
+    from .predict import predict_folder  # noqa: PLC0415
+
+    path = predict_folder(args.checkpoint, args.images, args.output, resolve_device(args.device), args.limit,
+                          args.skip_corrupt, args.recursive, args.batch_size)
+    print(json.dumps({"predictions": str(path)}))
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
@@ -87,7 +125,13 @@ def config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["predict"]:
+        return _predict(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.eval_only and not args.checkpoint:
+        print("error: --eval-only needs --checkpoint PATH", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
     try:
@@ -103,7 +147,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .runner import run_classification
 
     try:
-        summary = run_classification(cfg, args.output)
+        if args.eval_only:
+            from .runner import evaluate_checkpoint  # noqa: PLC0415
+
+            summary = evaluate_checkpoint(cfg, args.checkpoint, args.output)
+        else:
+            summary = run_classification(cfg, args.output)
     except (DataError, ImageReadError, FileNotFoundError, ValueError, FloatingPointError,
             UnsafeCheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)

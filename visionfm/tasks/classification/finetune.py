@@ -13,15 +13,19 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import kornia.augmentation as K
+import numpy as np
 import torch
 from timm.data import Mixup
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ...errors import NonFiniteLossError
+from ...engine.checkpoint import atomic_save, safe_load
 from ...engine.precision import autocast, backward_and_step
 from ...modalities import Modality, get_modality
 from .features import pooled_features
@@ -55,6 +59,7 @@ class FinetuneConfig:
     crop_scale: Sequence[float] = (0.6, 1.0)
     max_steps: Optional[int] = None
     num_workers: int = 0
+    checkpoint_every_steps: int = 25
 
 
 class EncoderClassifier(nn.Module):
@@ -126,8 +131,13 @@ def _mixer(cfg: FinetuneConfig, task: ClassificationTask) -> Optional[Mixup]:
 def finetune(model: EncoderClassifier, train_set: Dataset, val_set: Dataset, task: ClassificationTask,
              cfg: FinetuneConfig, modality: "Modality | str", img_size: int, device: torch.device,
              amp_dtype: Optional[torch.dtype] = None, use_scaler: bool = False, select_metric: str = "auto",
-             seed: int = 0, writer=None) -> Tuple[EncoderClassifier, Dict[str, Any]]:
+             seed: int = 0, writer=None, resume_path: "Optional[str | Path]" = None
+             ) -> Tuple[EncoderClassifier, Dict[str, Any]]:
     """Fine-tune ``model`` and return it with the weights of the best validation epoch loaded.
+
+    With ``resume_path`` the whole training state (model, optimiser, scaler, best candidate, history, data order
+    and random streams) is written there atomically every ``cfg.checkpoint_every_steps`` steps and after every
+    epoch, and a run that finds the file continues from it with the result it would have had uninterrupted.
 
     Returns:
         ``(model, selection)`` with the chosen epoch, step, validation metric and loss, and the per-epoch
@@ -156,14 +166,40 @@ def finetune(model: EncoderClassifier, train_set: Dataset, val_set: Dataset, tas
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     augment = train_augmentation(modality, img_size, cfg.crop_scale).to(device) if cfg.augment else None
     selector = Selector(metric)
-    history = []
-    step = 0
+    history: List[Dict[str, Any]] = []
+    step, start_epoch, done_in_epoch, running, seen = 0, 0, 0, 0.0, 0
     torch.manual_seed(seed)
-    for epoch in range(epochs):
+    resume_path = Path(resume_path) if resume_path is not None else None
+    resumed: Optional[Dict[str, Any]] = None
+    if resume_path is not None and resume_path.is_file():
+        resumed = _restore(resume_path, model, optimizer, scaler, selector, gen)
+        history, step, start_epoch = resumed["history"], resumed["step"], resumed["epoch"]
+        done_in_epoch, running, seen = resumed["batches_done"], resumed["running"], resumed["seen"]
+        log.info("resuming fine-tuning from %s at step %d (epoch %d, batch %d)", resume_path, step, start_epoch + 1,
+                 done_in_epoch)
+
+    def save(epoch: int, batches_done: int, epoch_generator: Tensor) -> None:
+        atomic_save({"format": "visionfm-cls-finetune-state/1", "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                     "selector": {"best_key": list(selector.best_key) if selector.best_key else None,
+                                  "best": _plain(selector.best), "state": selector.state},
+                     "history": _plain(history), "step": step, "epoch": epoch, "batches_done": batches_done,
+                     "running": running, "seen": seen, "epoch_generator": epoch_generator,
+                     "rng_torch": torch.get_rng_state(), "rng_numpy": _numpy_state()}, resume_path)
+
+    every = int(cfg.checkpoint_every_steps or 0)
+    for epoch in range(start_epoch, epochs):
         model.train()
-        running = 0.0
-        seen = 0
-        for images, targets in loader:
+        epoch_generator = gen.get_state()  # the shuffle of this epoch is drawn from it when the iterator starts
+        batches = iter(loader)
+        if resumed is not None and epoch == start_epoch:
+            for _ in range(done_in_epoch):  # the same order as before the interruption, minus what was trained
+                next(batches)
+            torch.set_rng_state(resumed["rng_torch"])
+            np.random.set_state(tuple(resumed["rng_numpy"]))  # timm's Mixup draws from numpy
+        else:
+            running, seen, done_in_epoch = 0.0, 0, 0
+        for images, targets in batches:
             if step >= total:
                 break
             images, targets = images.to(device, non_blocking=True), targets.to(device)
@@ -177,7 +213,7 @@ def finetune(model: EncoderClassifier, train_set: Dataset, val_set: Dataset, tas
                 logits = model(images)
             loss = task.loss(logits, targets)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}; lower finetune.lr or "
+                raise NonFiniteLossError(f"fine-tuning loss is {loss.item()} at step {step}; lower finetune.lr or "
                                          "use --precision fp32")
             backward_and_step(loss, optimizer, scaler, model.parameters(), cfg.clip_grad)
             running += float(loss.detach()) * images.shape[0]
@@ -186,6 +222,9 @@ def finetune(model: EncoderClassifier, train_set: Dataset, val_set: Dataset, tas
                 writer.add_scalar("finetune/train_loss", float(loss.detach()), step)
                 writer.add_scalar("finetune/lr", float(lrs[step]), step)
             step += 1
+            done_in_epoch += 1
+            if resume_path is not None and every and step % every == 0 and step < total:
+                save(epoch, done_in_epoch, epoch_generator)
         logits, val_targets = predict_logits(model, val_set, batch, device, amp_dtype)
         val_loss = float(task.loss(logits, val_targets))
         val = split_metrics(task, task.probabilities(logits), val_targets)
@@ -200,8 +239,47 @@ def finetune(model: EncoderClassifier, train_set: Dataset, val_set: Dataset, tas
             writer.add_scalar("finetune/val_loss", val_loss, epoch + 1)
             if metric != "loss" and val.get(metric) is not None:
                 writer.add_scalar(f"finetune/val_{metric}", val[metric], epoch + 1)
+        if resume_path is not None:
+            save(epoch + 1, 0, gen.get_state())
     model.load_state_dict(selector.state)
     model.eval()
     selection = {"select_metric": metric, **selector.best, "history": history, "steps": step,
                  "base_lr": base_lr, "batch_size": batch}
     return model, selection
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars as Python numbers, so that ``weights_only=True`` loading accepts it."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _numpy_state() -> list:
+    """numpy's global random state as plain lists and numbers (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scaler: Optional["torch.amp.GradScaler"], selector: Selector, generator: torch.Generator) -> Dict[str, Any]:
+    """Load a state written by :func:`finetune` into the given parts; returns the loop's counters."""
+    state = safe_load(path)
+    if not isinstance(state, dict) or state.get("format") != "visionfm-cls-finetune-state/1":
+        raise ValueError(f"{path}: not a fine-tuning state written by downstream/cls.py; move it away or use a new "
+                         "--output")
+    model.load_state_dict(state["model"])  # strict: the same model, or a clear error listing the keys
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    chosen = state["selector"]
+    selector.best_key = tuple(chosen["best_key"]) if chosen["best_key"] is not None else None
+    selector.best, selector.state = dict(chosen["best"]), chosen["state"]
+    generator.set_state(state["epoch_generator"])
+    rng = state["rng_numpy"]
+    state["rng_numpy"] = (rng[0], np.asarray(rng[1], dtype=np.uint32), rng[2], rng[3], rng[4])
+    return state

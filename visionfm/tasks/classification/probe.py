@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ...errors import NonFiniteLossError
 from .heads import Standardize, build_head
 from .selection import Selector, resolve_select_metric, split_metrics
 from .task import ClassificationTask
@@ -124,7 +125,7 @@ def train_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, 
                     group["lr"] = float(lrs[step])
                 loss = task.loss(head(xt[idx]), yt[idx])
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"probe loss is {loss.item()} at step {step} (weight decay {wd}); "
+                    raise NonFiniteLossError(f"probe loss is {loss.item()} at step {step} (weight decay {wd}); "
                                              "lower linear.lr")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -24,11 +24,12 @@ import torch
 from torch import Tensor
 
 from ...cli import resolve_data_root, resolve_device
-from ...config import save_config
+from ...config import write_run_config
 from ...data.datasets.labeled import (SPLITS, LabeledImages, LabeledSample, limit_samples, sample_shots,
                                       targets_tensor)
 from ...engine.checkpoint import atomic_save
-from ...engine.precision import resolve_precision
+from ...engine.loading import loader_settings
+from ...engine.precision import enable_tf32, resolve_precision
 from ...metrics import evaluate_split, plot_confusion_matrix, plot_roc_curves, to_jsonable
 from ...modalities import get_modality
 from ...weights.loader import WeightsNotFoundError, load_encoder, resolve_weights
@@ -41,9 +42,12 @@ from .probe import ProbeConfig, train_probe
 from .selection import Selector, resolve_select_metric, split_metrics
 from .task import ClassificationTask
 
-__all__ = ["MODES", "ClassificationExperiment", "run_classification"]
+__all__ = ["MODES", "ClassificationExperiment", "run_classification", "evaluate_checkpoint"]
 
 log = logging.getLogger(__name__)
+
+#: Fine-tuning's resume state in the run folder (rerunning the command continues from it).
+FINETUNE_STATE = "finetune_state.pt"
 
 MODES = ("linear", "finetune", "knn")
 
@@ -63,6 +67,9 @@ class ClassificationExperiment:
         self.seed = int(cfg["train"]["seed"])
         self.device = resolve_device(cfg["train"].get("device"))
         self.amp_dtype, self.use_scaler = resolve_precision(cfg["train"].get("precision", "auto"), self.device)
+        # data.num_workers auto: loader workers on a GPU, none on the CPU (visionfm.engine.loading)
+        self.num_workers = loader_settings(cfg["data"], self.device)["num_workers"]
+        enable_tf32(self.device)  # feature caching and linear probes run in fp32
         self.modality = get_modality(cfg["modality"])
         self.dataset_name = canonical_dataset(cfg["dataset"])
         data_root = resolve_data_root(cfg["data"].get("root"))
@@ -79,7 +86,7 @@ class ClassificationExperiment:
         model = cfg["model"]
         self.features = FeatureCache(self.encoder, self.make_dataset, model.get("pool", "cls"),
                                      int(model.get("last_blocks", 1)), int(cfg["data"].get("batch_size", 64)),
-                                     self.device, self.amp_dtype, int(cfg["data"].get("num_workers", 0)))
+                                     self.device, self.amp_dtype, self.num_workers)
         self._image_sets: Dict[Tuple[str, ...], LabeledImages] = {}
         for split in SPLITS:
             counts = self.data.class_counts(split)
@@ -169,7 +176,8 @@ class ClassificationExperiment:
                      "candidates": tried}
         return selector.state, test_probs, selection, {}
 
-    def _run_finetune(self, train: List[LabeledSample], seed: int, writer) -> Tuple[Tensor, Tensor, Dict, Dict]:
+    def _run_finetune(self, train: List[LabeledSample], seed: int, writer,
+                      resume_path: Optional[Path] = None) -> Tuple[Tensor, Tensor, Dict, Dict]:
         cfg, model_cfg = self.cfg["finetune"], self.cfg["model"]
         torch.manual_seed(seed)
         encoder, _ = self._load_encoder(drop_path=float(cfg.get("drop_path", 0.0)))
@@ -189,12 +197,13 @@ class ClassificationExperiment:
                                 clip_grad=cfg.get("clip_grad"), augment=bool(cfg.get("augment", True)),
                                 crop_scale=tuple(cfg.get("crop_scale", (0.6, 1.0))),
                                 max_steps=self.cfg["train"].get("max_steps"),
-                                num_workers=int(self.cfg["data"].get("num_workers", 0)))
+                                num_workers=self.num_workers,
+                                checkpoint_every_steps=int(self.cfg["train"].get("checkpoint_every_steps", 25) or 0))
         val_set = self._cached_images(self.data.splits["val"])
         test_set = self._cached_images(self.data.splits["test"])
         model, selection = finetune(model, self._cached_images(train), val_set, self.task, ft_cfg, self.modality,
                                     self.img_size, self.device, self.amp_dtype, self.use_scaler,
-                                    self.select_metric, seed, writer)
+                                    self.select_metric, seed, writer, resume_path=resume_path)
         batch = int(self.cfg["data"].get("batch_size", 64))
         val_logits, _ = predict_logits(model, val_set, batch, self.device, self.amp_dtype)
         test_logits, _ = predict_logits(model, test_set, batch, self.device, self.amp_dtype)
@@ -226,7 +235,7 @@ class ClassificationExperiment:
         seed = self.seed if seed is None else int(seed)
         n_bootstrap = int(self.cfg["eval"].get("bootstrap", 1000) if n_bootstrap is None else n_bootstrap)
         cfg = {**self.cfg, "data": {**self.cfg["data"], "shots": shots}, "train": {**self.cfg["train"], "seed": seed}}
-        save_config(cfg, output / "config.yaml")
+        write_run_config(cfg, output)
         train = self.train_samples(shots, seed)
         if shots:
             log.info("few-shot: %d shots per class -> %d training images (seed %d)", shots, len(train), seed)
@@ -237,7 +246,8 @@ class ClassificationExperiment:
             elif self.mode == "knn":
                 val_probs, test_probs, selection, state = self._run_knn(train, writer)
             else:
-                val_probs, test_probs, selection, state = self._run_finetune(train, seed, writer)
+                val_probs, test_probs, selection, state = self._run_finetune(train, seed, writer,
+                                                                             output / FINETUNE_STATE)
             results = {}
             confidence = float(self.cfg["eval"].get("confidence", 0.95))
             for split, probs in (("val", val_probs), ("test", test_probs)):
@@ -309,7 +319,13 @@ class ClassificationExperiment:
                          "modality": self.modality.name, "encoder_source": self.info.source,
                          "img_size": self.img_size, "pool": self.cfg["model"].get("pool", "cls"),
                          "last_blocks": int(self.cfg["model"].get("last_blocks", 1)),
-                         "mean": list(self.info.mean), "std": list(self.info.std)}, output / name)
+                         "mean": list(self.info.mean), "std": list(self.info.std),
+                         # what `downstream/cls.py predict` needs to rebuild the model and to refuse a wrong file
+                         "task": "classification", "arch": self.info.arch, "patch_size": self.info.patch_size,
+                         "num_heads": int(self.encoder.blocks[0].attn.num_heads),
+                         "head_type": self.cfg["model"].get("head", "linear"),
+                         "hidden_dim": int(self.cfg["model"].get("hidden_dim", 512)),
+                         "dropout": float(self.cfg["model"].get("dropout", 0.0))}, output / name)
 
 
 def _counts(samples: Sequence[LabeledSample], task: ClassificationTask) -> List[int]:
@@ -326,3 +342,47 @@ def _counts(samples: Sequence[LabeledSample], task: ClassificationTask) -> List[
 def run_classification(cfg: Dict[str, Any], output: "str | os.PathLike") -> Dict[str, Any]:
     """Build the experiment of a merged config and run it once (what ``downstream/cls.py`` does)."""
     return ClassificationExperiment(cfg).run(output)
+
+
+def evaluate_checkpoint(cfg: Dict[str, Any], checkpoint: "str | os.PathLike",
+                        output: "str | os.PathLike") -> Dict[str, Any]:
+    """``--eval-only``: score a saved ``model.pt`` / ``head.pt`` on the configured dataset's validation and test
+    splits without training, and write the run folder as a training run does (``metrics.json``,
+    ``predictions_test.csv``, plots; the checkpoint itself is not copied).
+
+    Raises:
+        WrongCheckpointError: not a classification checkpoint, or one for other classes or another modality.
+    """
+    from ...inference.checkpoints import WrongCheckpointError  # noqa: PLC0415
+    from .predict import load_classifier  # noqa: PLC0415
+
+    start = time.perf_counter()
+    exp = ClassificationExperiment(cfg)
+    classifier = load_classifier(checkpoint, exp.device)
+    if classifier.modality != exp.modality.name:
+        raise WrongCheckpointError(f"{checkpoint}: trained on {classifier.modality} images, but the dataset is read "
+                                   f"as {exp.modality.name}; pass --modality {classifier.modality}")
+    if tuple(classifier.task.class_names) != tuple(exp.task.class_names) or classifier.task.kind != exp.task.kind:
+        raise WrongCheckpointError(f"{checkpoint}: a {classifier.task.kind} classifier of classes "
+                                   f"{list(classifier.task.class_names)}, but {exp.dataset_name} has "
+                                   f"{exp.task.kind} classes {list(exp.task.class_names)}")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_run_config(cfg, output)
+    batch = int(cfg["data"].get("batch_size", 64))
+    n_bootstrap = int(cfg["eval"].get("bootstrap", 1000))
+    confidence = float(cfg["eval"].get("confidence", 0.95))
+    results, probs = {}, {}
+    for split in ("val", "test"):
+        samples = exp.data.splits[split]
+        images = LabeledImages(samples, exp.modality, classifier.img_size, classifier.mean, classifier.std,
+                               cache=False)
+        logits, _ = predict_logits(classifier.model, images, batch, exp.device, exp.amp_dtype)
+        probs[split] = exp.task.probabilities(logits)
+        targets = targets_tensor(samples)
+        results[split] = evaluate_split(targets.numpy(), probs[split].numpy(), exp.task.kind, exp.task.class_names,
+                                        exp.task.predict(probs[split]).numpy(), n_bootstrap, confidence, exp.seed)
+    selection = {"eval_only": str(checkpoint)}
+    summary = exp._summary(exp.data.splits["train"], None, exp.seed, selection, results, start, exp.features.seconds)
+    exp._write(output, summary, probs["test"], {})
+    return summary

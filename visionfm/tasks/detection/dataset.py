@@ -18,7 +18,7 @@ from mmengine.structures import InstanceData
 from PIL import Image
 
 from ...data.io import read_image
-from .boxes import DetectionRecord, crop_boxes, flip_boxes, scale_boxes
+from ...data.boxes import DetectionRecord, crop_boxes, flip_boxes, scale_boxes
 
 __all__ = ["resize_longest", "DetectionDataset", "StepBatchSampler"]
 

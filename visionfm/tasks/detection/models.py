@@ -3,7 +3,7 @@
 Importing this module registers, in mmdet's ``MODELS`` registry:
 
 * ``VisionFMViT``: the same class as the segmentation backbone
-  (:class:`visionfm.tasks.segmentation.backbone.VisionFMViT`): a modality's ViT loaded through
+  (:class:`visionfm.models.mm_backbone.VisionFMViT`): a modality's ViT loaded through
   :func:`visionfm.load_encoder` (``weights``, ``random_init``...), returning stride-``patch`` maps of the chosen
   blocks, and leaving the loaded weights alone in ``init_weights``;
 * ``SimpleFeaturePyramid``: one ViT map (or one per level, "multi-block") turned into a pyramid of strides
@@ -31,7 +31,7 @@ from mmengine.model import BaseModule
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..segmentation.backbone import VisionFMViT
+from ...models.mm_backbone import VisionFMViT
 
 __all__ = ["VisionFMViT", "LayerNorm2d", "SimpleFeaturePyramid"]
 

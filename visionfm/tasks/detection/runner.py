@@ -4,7 +4,7 @@ validation split, evaluate it on the test split.
 Outputs in ``--output``: ``config.yaml`` (the merged config), ``mmdet_config.py`` (the detector as built),
 ``best.pth`` (``{"model", "step", "val", "classes", "config"}``, written atomically, loadable with
 ``weights_only=True``), ``metrics.json`` (test metrics; COCO ``map``/``ap50``/``ap75`` and, for od / fovea, the
-point distances), ``predictions/*.png`` (green: truth, red: prediction) and TensorBoard logs in ``tb/``.
+point distances), ``predictions/*.png`` (green: truth, red: prediction) and TensorBoard logs in ``tensorboard/``.
 ``last.pth`` holds the training state (model, optimiser, position, RNG), written at every validation and on
 SIGTERM/SIGINT: rerunning the same command resumes the run where it stopped.
 """
@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -24,14 +25,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ...errors import NonFiniteLossError
 from ...cli import add_common_arguments, resolve_data_root, resolve_device
-from ...config import CONFIG_DIR, ConfigError, ConfigMismatchError, build_config, check_resumable, save_config
+from ...config import CONFIG_DIR, ConfigError, ConfigMismatchError, build_config, check_resumable, write_run_config
 from ...engine.checkpoint import atomic_save, restart_from_checkpoint, safe_load, stop_requests
-from ...engine.precision import backward_and_step, resolve_precision
+from ...engine.loading import loader_settings
+from ...engine.precision import backward_and_step, enable_tf32, precision_for_ops
 from ...modalities import get_modality
-from .boxes import DetectionRecord
+from ...data.boxes import DetectionRecord
 
-__all__ = ["DEFAULT_CONFIG", "build_parser", "load_records", "build_detector", "run", "main"]
+__all__ = ["DEFAULT_CONFIG", "build_parser", "load_records", "build_detector", "compiled_cuda_ops", "run",
+           "build_predict_parser", "main"]
 
 log = logging.getLogger("visionfm.det")
 
@@ -46,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="downstream/det.py",
         description="Train an mmdet detector (RetinaNet / FCOS / Faster R-CNN) on a VisionFM encoder; pick the best "
-                    "checkpoint on a validation split; report COCO mAP/AP50/AP75 (and point distances) on the test split.")
+                    "checkpoint on a validation split; report COCO mAP/AP50/AP75 (and point distances) on the test split. "
+                    "'downstream/det.py predict --help' detects on a folder of new images.")
     parser.add_argument("--dataset", default=None, help="IDRiD or coco (default from the config: IDRiD)")
     parser.add_argument("--target", default=None, choices=["od", "fovea", "lesions"], help="IDRiD target")
     parser.add_argument("--modality", default=None, help="encoder modality (default cfp)")
@@ -269,6 +274,19 @@ def _write_json(data: Dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def compiled_cuda_ops(model: torch.nn.Module) -> List[str]:
+    """The dtype-limited mmcv CUDA kernels (:data:`visionfm.engine.precision.CUDA_OP_DTYPES`) that training
+    ``model`` calls: ``sigmoid_focal_loss`` for a sigmoid :class:`mmdet.models.losses.FocalLoss` (RetinaNet and FCOS
+    classification heads), which mmdet sends to mmcv's kernel whenever the prediction is on a GPU."""
+    from mmdet.models.losses import FocalLoss  # noqa: PLC0415
+
+    ops = set()
+    for module in model.modules():
+        if isinstance(module, FocalLoss) and getattr(module, "use_sigmoid", False):
+            ops.add("sigmoid_focal_loss")
+    return sorted(ops)
+
+
 # ---------------------------------------------------------------------------------------------------- run
 def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int] = None) -> Dict[str, Any]:
     """Train, select on validation, test. Returns (and writes) the metrics."""
@@ -280,7 +298,7 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
 
     t_start = time.time()
     output.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, output / "config.yaml")
+    write_run_config(cfg, output)
     tc, oc, ec, dc = cfg["train"], cfg["optim"], cfg["eval"], cfg["data"]
     select = str(ec["select"])
     if select not in SELECT_METRICS:
@@ -290,8 +308,7 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
     np.random.seed(seed)
     torch.manual_seed(seed)
     device = resolve_device(tc.get("device"))
-    amp_dtype, needs_scaler = resolve_precision(tc["precision"], device)
-    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None  # fp16 on GPUs without bf16
+    enable_tf32(device)  # two-stage detectors and evaluation run in fp32
 
     splits, classes = load_records(cfg, data_root, limit)
     if select == "within_1_8_dd" and splits["val"][0].point is None:
@@ -309,6 +326,13 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
 
     # the position embedding is resized once to the training input (other sizes are interpolated on the fly)
     model, info, mm = build_detector(cfg, classes, img_size=min(max_size, crop_size or max_size) // 16 * 16)
+    try:
+        amp_dtype, needs_scaler, narrowed = precision_for_ops(tc["precision"], device, compiled_cuda_ops(model))
+    except ValueError as err:
+        raise ConfigError(f"train.precision: {err}") from None
+    if narrowed:
+        log.info("training precision: %s", narrowed)
+    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None  # fp16 (older GPUs, focal-loss heads)
     if amp_dtype is not None and getattr(model, "with_rpn", False):
         # mmcv's nms (run on the RPN proposals during training) accepts only fp32 boxes and scores.
         if str(tc["precision"]).lower() != "auto":
@@ -331,7 +355,7 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
     optimizer = torch.optim.AdamW(_param_groups(model, float(oc["lr"]), float(oc["backbone_lr_mult"]),
                                                 float(oc["weight_decay"])), lr=float(oc["lr"]))
     batch_size = min(int(oc["batch_size"]), len(datasets["train"]))
-    writer = SummaryWriter(str(output / "tb"))
+    writer = SummaryWriter(str(output / "tensorboard"))
     best_path, resume_path = output / "best.pth", output / RESUME_NAME
     best: Dict[str, Any] = {"score": -math.inf, "step": None, "val": None}
     eval_every = max(1, int(tc["eval_every"]))
@@ -349,7 +373,8 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
     # seed from drawing on the global RNG, which the model's drop-path uses and a resumed run restores.
     loader = torch.utils.data.DataLoader(
         datasets["train"], batch_sampler=StepBatchSampler(len(datasets["train"]), batch_size, seed, step, total),
-        collate_fn=pseudo_collate, num_workers=int(tc["num_workers"]), generator=torch.Generator().manual_seed(seed))
+        collate_fn=pseudo_collate, generator=torch.Generator().manual_seed(seed),
+        **loader_settings({"num_workers": tc.get("num_workers", "auto")}, device))
 
     model.train()
     t_train = time.time()
@@ -363,7 +388,7 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
                 losses = model(**data, mode="loss")
             loss, log_vars = model.parse_losses(losses)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: loss is {loss.item()} ({dict(log_vars)}); lower optim.lr or "
+                raise NonFiniteLossError(f"step {step}: loss is {loss.item()} ({dict(log_vars)}); lower optim.lr or "
                                          f"check the boxes of this batch: {[s.img_path for s in data['data_samples']]}")
             backward_and_step(loss, optimizer, scaler, model.parameters(), oc.get("clip_grad"))
             step += 1
@@ -424,7 +449,42 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
     return metrics
 
 
+def build_predict_parser() -> argparse.ArgumentParser:
+    """``downstream/det.py predict``: boxes for a folder of new images with a trained ``best.pth``."""
+    from ...cli import output_folder, positive_int  # noqa: PLC0415
+    from ...inference.embed_cli import add_input_arguments  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="downstream/det.py predict",
+        description="Detect with a trained best.pth on every image of a folder (or CSV): <output>/boxes.csv (path, "
+                    "class, score, x1 y1 x2 y2 at the image's own resolution), boxes.json (per image) and <name>.png "
+                    "with the boxes drawn. Images are resized as in training (data.max_size of the checkpoint).")
+    parser.add_argument("--checkpoint", required=True, metavar="PATH", help="a best.pth written by downstream/det.py")
+    parser.add_argument("--output", default="runs/det_predict", metavar="DIR", type=output_folder,
+                        help="folder for boxes.csv, boxes.json and the PNGs")
+    parser.add_argument("--score-thr", type=float, default=None,
+                        help="keep and draw boxes with at least this score (default: the checkpoint's "
+                             "eval.draw_score_thr; the top box is always kept for the optic disc and the fovea)")
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="images per forward pass")
+    add_input_arguments(parser)
+    return parser
+
+
+def _predict(argv: List[str]) -> int:
+    args = build_predict_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .predict import predict_folder  # noqa: PLC0415
+
+    summary = predict_folder(args.checkpoint, args.images, args.output, resolve_device(args.device), args.limit,
+                             args.skip_corrupt, args.recursive, args.score_thr, args.batch_size)
+    print(json.dumps(summary))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["predict"]:
+        return _predict(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     flags = {"dataset.name": args.dataset, "dataset.target": args.target, "model.modality": args.modality,

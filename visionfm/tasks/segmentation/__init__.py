@@ -9,7 +9,7 @@ Importing this package registers ``VisionFMViT`` (backbone), ``VisionFMPyramidNe
     model = MODELS.build(dict(type="EncoderDecoder", backbone=dict(type="VisionFMViT", modality="cfp"), ...))
 """
 
-from .backbone import VisionFMViT
+from ...models.mm_backbone import VisionFMViT
 from .head import VisionFMUNETRHead
 from .metrics import BinarySegMetrics, binary_metrics
 from .neck import VisionFMPyramidNeck

@@ -10,7 +10,7 @@ import sys
 import warnings
 from typing import List, Optional
 
-from ...cli import add_common_arguments, resolve_data_root, resolve_device
+from ...cli import HelpFormatter, add_common_arguments, output_folder, positive_int, resolve_data_root, resolve_device
 from ...config import CONFIG_DIR, ConfigError, build_config
 
 __all__ = ["build_parser", "build_predict_parser", "main"]
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "on its test split at the original resolution inside the FOV (Dice, IoU, AUC, sensitivity, "
                     "specificity, accuracy): metrics.json, metrics.csv, overlays/, tensorboard/. "
                     "'downstream/seg.py predict --help' writes masks for a folder of new images.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--dataset", default=None,
                         help="DRIVE, CHASE_DB1, HRF, STARE, IDRiD (under --data-root), or a folder with images/ + "
                              "masks/ (default from the config: DRIVE)")
@@ -59,16 +59,20 @@ def build_predict_parser() -> argparse.ArgumentParser:
         prog="downstream/seg.py predict",
         description="Write predicted masks (<output>/<stem>.png, 0/255) for every image in a folder, with the "
                     "model, working resolution and sliding window stored in a checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="PATH", help="a best.pth written by downstream/seg.py")
-    parser.add_argument("--images", required=True, metavar="DIR", help="folder of images")
-    parser.add_argument("--output", default="runs/seg_predict", metavar="DIR", help="folder for the masks")
+    parser.add_argument("--images", required=True, metavar="DIR|CSV",
+                        help="folder of images, or a CSV with a 'path' column (relative to the CSV's folder)")
+    parser.add_argument("--skip-corrupt", action="store_true",
+                        help="leave unreadable files out (counted in the log) instead of stopping with an error")
+    parser.add_argument("--output", default="runs/seg_predict", metavar="DIR", type=output_folder,
+                        help="folder for the masks")
     parser.add_argument("--probabilities", action="store_true", help="also write <stem>_prob.png probability maps")
     parser.add_argument("--threshold", type=float, default=None,
                         help="foreground probability threshold (default: the one chosen on validation and stored in "
                              "the checkpoint by test.threshold=val, else 0.5)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="at most N images")
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N", help="at most N images")
     return parser
 
 
@@ -100,7 +104,7 @@ def _predict(argv: List[str]) -> int:
 
     try:
         written = predict_folder(args.checkpoint, args.images, args.output, cfg, resolve_device(args.device),
-                                 args.limit, args.probabilities)
+                                 args.limit, args.probabilities, skip_corrupt=args.skip_corrupt)
     except _errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ from mmseg.registry import MODELS
 from torch import nn
 
 from ...weights.loader import EncoderInfo, load_encoder
-from . import backbone as _backbone  # noqa: F401  (registers VisionFMViT)
+from ...models import mm_backbone as _backbone  # noqa: F401  (registers VisionFMViT)
 from . import head as _head  # noqa: F401  (registers VisionFMUNETRHead)
 from . import neck as _neck  # noqa: F401  (registers VisionFMPyramidNeck)
 

@@ -25,9 +25,11 @@ from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
 from torch import nn
 
-from ...config import check_resumable, save_config
+from ...errors import NonFiniteLossError
+from ...config import check_resumable, write_run_config
 from ...data.datasets.generic_seg import SegSample, SegSplits
-from ...data.io import is_image_file, read_image
+from ...data.inputs import check_min_side, collect_images, note_channels, warn_if_large
+from ...data.io import read_image
 from ...engine.checkpoint import atomic_save, restart_from_checkpoint, safe_load, stop_requests
 from ...engine.precision import autocast, backward_and_step, resolve_precision
 from ...engine.threads import ThreadChooser
@@ -47,10 +49,6 @@ log = logging.getLogger("visionfm.seg")
 CHECKPOINT_FORMAT = "visionfm-seg-1"
 #: The training state written at every validation and on SIGTERM/SIGINT; a rerun into the same folder resumes it.
 RESUME_NAME = "last.pth"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -404,7 +402,7 @@ def _train(cfg: Dict[str, Any], output: Path, data_root: "str | Path", device: t
         log.info("%s: %s", splits.dataset, note)
     log.info("%s (%s): %d train, %d validation (carved from train), %d test images", splits.dataset, splits.target,
              len(train_samples), len(val_samples), len(splits.test))
-    save_config(cfg, output / "config.yaml")
+    write_run_config(cfg, output)
 
     model, mm_cfg = build_segmentor(cfg)
     model.to(device)
@@ -439,6 +437,7 @@ def _train(cfg: Dict[str, Any], output: Path, data_root: "str | Path", device: t
     schedule = lr_multipliers(planned, int(o_cfg.get("warmup_steps", 0)), float(o_cfg.get("min_lr_ratio", 0.01)))
     batch_size = int(o_cfg["batch_size"])
     val_every = max(1, int(t_cfg.get("val_every", 200)))
+    checkpoint_every = int(t_cfg.get("checkpoint_every_steps") or 0)
     select = str(t_cfg.get("select_metric", "dice"))
     best_path = output / "best.pth"
     writer = SummaryWriter(str(output / "tensorboard"))
@@ -494,6 +493,9 @@ def _train(cfg: Dict[str, Any], output: Path, data_root: "str | Path", device: t
                                    seconds_before + time.time() - t_train)
                 writer.flush()
                 threads.recheck()
+            elif checkpoint_every and (step + 1) % checkpoint_every == 0:  # a SIGKILL loses at most this many steps
+                _save_resume_state(resume_path, model, optimizer, scaler, sampler, cfg, step + 1, best, seen_loss,
+                                   seconds_before + time.time() - t_train)
             if stop_signal:
                 _save_resume_state(resume_path, model, optimizer, scaler, sampler, cfg, step + 1, best, seen_loss,
                                    seconds_before + time.time() - t_train)
@@ -546,7 +548,7 @@ def evaluate_checkpoint(cfg: Dict[str, Any], checkpoint: "str | Path", output: "
         test_threshold = threshold_setting(cfg)
         model, ckpt = load_checkpoint(checkpoint, cfg, device)
         splits, _, val_samples = prepare_splits(cfg, data_root)
-        save_config(cfg, output / "config.yaml")
+        write_run_config(cfg, output)
         threshold_source = "config"
         if test_threshold is None and ckpt.get("threshold") is not None:
             test_threshold, threshold_source = float(ckpt["threshold"]), f"{checkpoint} (chosen on validation)"
@@ -565,37 +567,61 @@ def evaluate_checkpoint(cfg: Dict[str, Any], checkpoint: "str | Path", output: "
         return write_metrics(output, metrics.summary(), extra)
 
 
+#: ``predict`` works at most at this many pixels on the long side: an 8000-px montage at full resolution needs
+#: gigabytes of logits; the mask is predicted at this size and resized back to the image's own.
+PREDICT_MAX_SIDE = 4096
+
+
 def predict_folder(checkpoint: "str | Path", images: "str | Path", output: "str | Path", cfg: Dict[str, Any],
-                   device: torch.device, limit: Optional[int] = None, probabilities: bool = False) -> List[Path]:
-    """Write ``<output>/<stem>.png`` masks (0/255; with ``probabilities`` also ``<stem>_prob.png``) for every image
-    in a folder."""
-    folder = Path(images)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
-    if not files:
-        raise FileNotFoundError(f"{folder}: holds no image files (png, jpg, tif, gif, bmp, ppm)")
-    if limit:
-        files = files[: int(limit)]
+                   device: torch.device, limit: Optional[int] = None, probabilities: bool = False,
+                   skip_corrupt: bool = False, max_side: int = PREDICT_MAX_SIDE) -> List[Path]:
+    """Write ``<output>/<name>.png`` masks (0/255; with ``probabilities`` also ``<name>_prob.png``) for every image
+    of a folder or CSV (:func:`visionfm.data.inputs.collect_images`: every file is checked before the first mask
+    is written, and two inputs never share an output name).
+
+    Images larger than ``max_side`` on the long side are predicted at that size and the mask resized back."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    inputs = collect_images(images, limit=limit, skip_corrupt=skip_corrupt)
     amp_dtype, _ = resolve_precision(cfg["train"].get("precision", "auto"), device)
     with ThreadChooser(cfg["train"].get("threads"), device, amp_dtype):  # put back at the end
         threshold = threshold_setting(cfg)
         model, ckpt = load_checkpoint(checkpoint, cfg, device)
         model.eval()
-        channels = get_modality(cfg["modality"]).channels
+        modality = get_modality(cfg["modality"])
+        note_channels(inputs, modality.channels, modality.name)
+        check_min_side(inputs, int(model.backbone.info.patch_size), "one encoder patch")
+        data_cfg = dict(cfg["data"])
+        warn_if_large([im for im in inputs if max(im.width, im.height) > max_side],
+                      f"predicted at {max_side} px on the long side, the mask resized back to the image's size")
         if threshold is None:  # 'val': the one chosen on validation when the checkpoint was trained
             threshold = float(ckpt.get("threshold", 0.5))
             log.info("threshold %.2f (%s)", threshold, "chosen on validation, stored in the checkpoint"
                      if ckpt.get("threshold") is not None else "the checkpoint stores none chosen on validation")
         output = Path(output)
         written = []
-        for path in files:
-            image = read_image(path, channels)
+        for im in tqdm(inputs, desc="predict", unit="img", mininterval=10.0, disable=len(inputs) < 2):
+            image = read_image(im.path, modality.channels)
             image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
-            prob = predict_probability(model, model_input(image, cfg["data"]), image.shape[:2], device, amp_dtype,
-                                       **_tta(cfg))
-            written.append(save_mask(output / f"{path.stem}.png", prob, threshold))
+            long_side = data_cfg.get("resize_long_side")
+            capped = max(image.shape[:2]) > max_side and (not long_side or int(long_side) > max_side)
+            view_cfg = {**data_cfg, "resize_long_side": max_side} if capped else data_cfg
+            working = model_input(image, view_cfg)
+            prob = predict_probability(model, working, working.shape[:2] if capped else image.shape[:2], device,
+                                       amp_dtype, **_tta(cfg))
+            if capped:  # bounded memory: probabilities stay at the working size, 8-bit when resized back
+                prob = _resize_probability(prob, image.shape[:2])
+            del image, working
+            written.append(save_mask(output / f"{im.name}.png", prob, threshold))
             if probabilities:
-                save_mask(output / f"{path.stem}_prob.png", prob, probability=True)
-            log.info("%s -> %s (%.2f%% foreground)", path, written[-1], 100.0 * float((prob > threshold).mean()))
+                save_mask(output / f"{im.name}_prob.png", prob, probability=True)
+            log.info("%s -> %s (%.2f%% foreground)", im.path, written[-1], 100.0 * float((prob > threshold).mean()))
         return written
+
+
+def _resize_probability(prob: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """A working-size probability map resized (bilinear, through 8 bits) to ``size`` = ``(height, width)``."""
+    from PIL import Image  # noqa: PLC0415
+
+    small = Image.fromarray((np.clip(prob, 0, 1) * 255 + 0.5).astype(np.uint8))
+    return np.asarray(small.resize((size[1], size[0]), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0

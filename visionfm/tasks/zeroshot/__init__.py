@@ -3,6 +3,6 @@
 (:mod:`.evaluate`). The command lines are ``pretrain/clip.py``, ``downstream/zeroshot.py`` and
 ``downstream/retrieval.py``."""
 
-from .knowledge import DEFAULT_KNOWLEDGE, Category, KnowledgeBase, KnowledgeError, fill_template
+from ...data.knowledge import DEFAULT_KNOWLEDGE, Category, KnowledgeBase, KnowledgeError, fill_template
 
 __all__ = ["DEFAULT_KNOWLEDGE", "Category", "KnowledgeBase", "KnowledgeError", "fill_template"]

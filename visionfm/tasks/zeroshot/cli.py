@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ...cli import add_common_arguments, resolve_data_root
+from ...cli import HelpFormatter, add_common_arguments, resolve_data_root
 from ...config import CONFIG_DIR, ConfigError, build_config, save_config
 from ...modalities import MODALITIES, UnknownModalityError, get_modality
 
@@ -34,7 +34,7 @@ def train_parser() -> argparse.ArgumentParser:
                     "configs/knowledge/ophthalmology.yaml. With --paired-modality the second modality is trained in "
                     "the same space and images of the same eye are aligned across modalities. Rerunning the same "
                     "command with the same --output resumes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--modality", required=True, help=f"image modality; one of {', '.join(MODALITIES)}")
     parser.add_argument("--paired-modality", default=None,
                         help="a second modality trained jointly, with the cross-modal image-image loss (e.g. oct with "
@@ -103,7 +103,7 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     from ...data.unlabeled import DataError  # noqa: PLC0415
     from ...models.text import TextEncoderNotFoundError  # noqa: PLC0415
     from ...weights.loader import WeightsNotFoundError  # noqa: PLC0415
-    from .knowledge import KnowledgeError  # noqa: PLC0415
+    from ...data.knowledge import KnowledgeError  # noqa: PLC0415
     from .trainer import CLIPTrainer, NonFiniteLossError  # noqa: PLC0415
 
     t0 = time.perf_counter()
@@ -125,7 +125,7 @@ def train_main(argv: Optional[List[str]] = None) -> int:
 # ------------------------------------------------------------------------------------------------ evaluation
 def _eval_parser(prog: str, description: str, retrieval: bool) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--dataset", default=None, help="OCT_DME, OCT_DR or a CSV with path,label columns")
     parser.add_argument("--modality", default=None, help="image modality of the CLIP weights (oct, cfp, ...)")
     parser.add_argument("--classes", nargs="+", default=None, metavar="NAME",
@@ -137,6 +137,15 @@ def _eval_parser(prog: str, description: str, retrieval: bool) -> argparse.Argum
     parser.add_argument("--no-expand", action="store_true", default=None,
                         help="use each class name as its only prompt")
     parser.add_argument("--batch-size", type=int, default=None)
+    if not retrieval:
+        parser.add_argument("--images", default=None, metavar="DIR|CSV",
+                            help="zero-shot on your own images instead of a dataset split: a folder (or a CSV with a "
+                                 "path column) of unlabelled images; writes <output>/predictions.csv with the "
+                                 "probability of each --classes entry per image (free text; a name of the knowledge "
+                                 "base is expanded with its synonyms and descriptions)")
+        parser.add_argument("--recursive", action="store_true", help="--images: include subfolders")
+        parser.add_argument("--skip-corrupt", action="store_true",
+                            help="--images: leave out unreadable files (counted in the log) instead of stopping")
     if retrieval:
         parser.add_argument("--paired-modality", default=None,
                             help="also report cross-modal Recall@K between the two modalities' images of the same "
@@ -202,7 +211,7 @@ def _run_eval(args: argparse.Namespace, retrieval: bool) -> int:
     from .data import load_pixels  # noqa: PLC0415
     from .evaluate import (cross_modal_retrieval, evaluation_records, image_text_retrieval,  # noqa: PLC0415
                            write_metrics, zero_shot_metrics)
-    from .knowledge import KnowledgeError  # noqa: PLC0415
+    from ...data.knowledge import KnowledgeError  # noqa: PLC0415
 
     t0 = time.perf_counter()
     try:
@@ -213,8 +222,16 @@ def _run_eval(args: argparse.Namespace, retrieval: bool) -> int:
         save_config(cfg, out / "config.yaml")
         data_root = resolve_data_root(args.data_root)
         model = _load_model(cfg, cfg["modality"], cfg.get("weights"))
-        records = evaluation_records(cfg["dataset"], cfg["modality"], cfg["split"], data_root, classes, cfg.get("limit"),
-                                     int(cfg.get("split_seed", 0)))
+        if not retrieval and getattr(args, "images", None):
+            from .folder import zeroshot_folder  # noqa: PLC0415
+
+            if not cfg.get("classes"):
+                raise ConfigError("--images needs --classes: two or more class names or free-text descriptions")
+            result = zeroshot_folder(model, args.images, classes, out, bool(cfg["expand_prompts"]),
+                                     int(cfg["batch_size"]), cfg.get("limit"), args.skip_corrupt, args.recursive)
+            print(json.dumps(result))
+            return 0
+        records, records_b = _evaluation_sets(cfg, data_root, classes, retrieval)
         pixels = load_pixels([r.path for r in records], cfg["modality"], model.image_info.img_size)
         header = {"dataset": cfg["dataset"], "modality": cfg["modality"], "split": cfg["split"], "classes": classes,
                   "n_images": len(records), "n_patients": len({r.patient for r in records if r.patient}),
@@ -239,8 +256,6 @@ def _run_eval(args: argparse.Namespace, retrieval: bool) -> int:
             if cfg.get("paired_modality"):
                 other = cfg["paired_modality"]
                 model_b = _load_model(cfg, other, cfg.get("paired_weights"))
-                records_b = evaluation_records(cfg["dataset"], other, cfg["split"], data_root, classes, cfg.get("limit"),
-                                               int(cfg.get("split_seed", 0)))
                 pixels_b = load_pixels([r.path for r in records_b], other, model_b.image_info.img_size)
                 result["cross_modal"] = cross_modal_retrieval(model, pixels, records, model_b, pixels_b, records_b, ks,
                                                               int(cfg["batch_size"]))
@@ -259,6 +274,30 @@ def _run_eval(args: argparse.Namespace, retrieval: bool) -> int:
     print(summary)
     print(f"metrics: {path}")
     return 0
+
+
+def _evaluation_sets(cfg: Dict[str, Any], data_root: Path, classes: List[str], retrieval: bool):
+    """The evaluation records of the modality and, for cross-modal retrieval, of the paired modality.
+
+    ``--limit`` counts queries that have a partner: with a paired modality the first modality's records are
+    restricted to eyes the other also shows before the limit picks among them, and the paired modality keeps the
+    images of the chosen eyes (at most ``limit``); limiting each modality on its own can leave no query with a
+    partner at all."""
+    from .data import stratified_limit  # noqa: PLC0415 - torch-free --help
+    from .evaluate import evaluation_records  # noqa: PLC0415
+
+    limit, seed = cfg.get("limit"), int(cfg.get("split_seed", 0))
+    other = cfg.get("paired_modality") if retrieval else None
+    if not other:
+        return evaluation_records(cfg["dataset"], cfg["modality"], cfg["split"], data_root, classes, limit, seed), []
+    records = evaluation_records(cfg["dataset"], cfg["modality"], cfg["split"], data_root, classes, None, seed)
+    records_b = evaluation_records(cfg["dataset"], other, cfg["split"], data_root, classes, None, seed)
+    if limit:
+        shared = {r.pair_key for r in records if r.pair_key} & {r.pair_key for r in records_b if r.pair_key}
+        records = stratified_limit([r for r in records if r.pair_key in shared] or records, limit)
+        chosen = {r.pair_key for r in records}
+        records_b = [r for r in records_b if r.pair_key in chosen][: int(limit)]
+    return records, records_b
 
 
 def _fmt(value: Any) -> str:

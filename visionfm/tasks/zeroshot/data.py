@@ -28,7 +28,7 @@ import torch
 from ...data.io import read_image
 from ...data.unlabeled import DataError, square_and_resize
 from ...modalities import get_modality
-from .knowledge import Category, KnowledgeBase
+from ...data.knowledge import Category, KnowledgeBase
 
 __all__ = ["CaptionedImage", "BUILTIN_SOURCES", "load_source", "oct_dme_records", "idrid_lesion_records",
            "csv_records", "load_pixels", "stratified_limit", "DME_CATEGORIES", "DR_CATEGORIES"]

@@ -25,7 +25,7 @@ from ...data.unlabeled import DataError
 from ...metrics import classification_metrics, to_jsonable
 from ...models.clip import CLIPModel
 from .data import CaptionedImage, csv_records, oct_dme_records, stratified_limit
-from .knowledge import KnowledgeBase
+from ...data.knowledge import KnowledgeBase
 
 __all__ = ["EVAL_DATASETS", "evaluation_records", "zero_shot_metrics", "recall_at_k", "chance_recall_at_k",
            "image_text_retrieval", "cross_modal_retrieval", "DEFAULT_KS", "write_metrics"]

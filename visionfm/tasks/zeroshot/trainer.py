@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ...config import save_config
+from ...errors import NonFiniteLossError
+from ...config import write_run_config
 from ...data.augment import ViewAugmentation
 from ...data.unlabeled import DataError
 from ...engine.checkpoint import atomic_save, safe_load
@@ -39,7 +40,7 @@ from ...objectives.dino import cosine_schedule
 from ...weights.export import sha256_file, update_index
 from ...weights.loader import load_encoder
 from .data import CaptionedImage, load_pixels, load_source, stratified_limit
-from .knowledge import KnowledgeBase
+from ...data.knowledge import KnowledgeBase
 
 __all__ = ["NonFiniteLossError", "CLIPTrainer", "set_image_trainable", "step_seed", "DME_CLASS_NAMES"]
 
@@ -47,10 +48,6 @@ log = logging.getLogger("visionfm.clip")
 CHECKPOINT_NAME = "checkpoint.pt"
 #: Zero-shot class names of the OCT_DME validation check (label 0, label 1).
 DME_CLASS_NAMES = ("no diabetic macular edema", "diabetic macular edema")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
@@ -158,7 +155,24 @@ class CLIPTrainer:
                     log.info("no validation images from %s: %s", source, err)  # validation is optional
                     continue
                 raise
-        return stratified_limit(out, data.get("limit"))
+        return out
+
+    def _limited(self, split: Optional[str]) -> List[List[CaptionedImage]]:
+        """The records of every modality for ``split`` under ``data.limit``.
+
+        With a paired modality the limit counts pairs, not images of each modality: the primary modality's
+        records are first restricted to eyes the other modality also shows, the limit picks among those, and
+        the paired modality keeps the images of the chosen eyes (at most ``limit`` of them). Limiting each
+        modality separately leaves a quick trial with no pair at all."""
+        limit = self.cfg["data"].get("limit")
+        records = [self._records(m, split, i == 0) for i, m in enumerate(self.modalities)]
+        if len(records) < 2 or not limit:
+            return [stratified_limit(r, limit) for r in records]
+        primary, paired = records
+        shared = {r.pair_key for r in primary if r.pair_key} & {r.pair_key for r in paired if r.pair_key}
+        primary = stratified_limit([r for r in primary if r.pair_key in shared] or primary, limit)
+        chosen = {r.pair_key for r in primary}
+        return [primary, [r for r in paired if r.pair_key in chosen][: int(limit)]]
 
     def build(self) -> None:
         cfg = self.cfg
@@ -174,6 +188,8 @@ class CLIPTrainer:
         self.text_frozen = text.frozen
         torch.manual_seed(self.seed)
         first: Optional[CLIPModel] = None
+        train_records = self._limited(cfg["data"]["train_split"])
+        val_records = self._limited(cfg["data"].get("val_split"))
         for i, modality in enumerate(self.modalities):
             weights = image_cfg.get("weights") if i == 0 else image_cfg.get("paired_weights")
             encoder, info = load_encoder(modality, weights=weights, img_size=cfg["data"].get("img_size"))
@@ -186,8 +202,7 @@ class CLIPTrainer:
             if first is not None:
                 model.share_text_tower(first)
             first = first or model
-            records = self._records(modality, cfg["data"]["train_split"], i == 0)
-            val = self._records(modality, cfg["data"].get("val_split"), i == 0)
+            records, val = train_records[i], val_records[i]
             self.towers[modality] = _Tower(modality, model.to(self.device), info.source, records, val)
             log.info("%s: %d training images (%s), %d validation images, encoder %s (%s, %d px)", modality,
                      len(records), ", ".join(sorted({r.label_key for r in records}))[:200], len(val), info.source,
@@ -527,7 +542,7 @@ class CLIPTrainer:
         if not self.towers:
             self.build()
         step = self._maybe_resume()
-        save_config(self.cfg, self.output / "config.yaml")
+        write_run_config(self.cfg, self.output)
         if any(t.pixels is None for t in self.towers.values()):
             self.prepare_images()
         writer = SummaryWriter(str(self.output / "tensorboard"))
