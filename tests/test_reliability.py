@@ -278,3 +278,24 @@ def test_killed_classification_fine_tuning_resumes_to_the_uninterrupted_weights(
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_named_source_of_another_run_is_refused_before_its_file_list_is_rewritten(tmp_path, shared_data):
+    from visionfm.config import CONFIG_DIR, load_yaml
+    from visionfm.pretrain_cli import prepare_named_source
+
+    def config(source: str) -> dict:
+        cfg = load_yaml(CONFIG_DIR / "pretrain" / "default.yaml")
+        cfg["data"]["source"] = source
+        return cfg
+
+    first = config("DRIVE:train")
+    prepare_named_source(first, str(shared_data), tmp_path, "cfp")
+    write_run_config(first, tmp_path)
+    before = _tree_digest(tmp_path)
+    again = config("DRIVE:train")
+    prepare_named_source(again, str(shared_data), tmp_path, "cfp")  # the same run: passes, the same file list
+    assert _tree_digest(tmp_path) == before
+    with pytest.raises(ConfigMismatchError, match="data.source 'DRIVE:train', not 'IDRiD:train'"):
+        prepare_named_source(config("IDRiD:train"), str(shared_data), tmp_path, "cfp")
+    assert _tree_digest(tmp_path) == before

@@ -142,6 +142,15 @@ def prepare_named_source(cfg: dict, data_root: Optional[str], output: "str | Pat
     source = cfg["data"].get("source")
     if not source or not is_named_source(source):
         return
+    earlier = Path(output) / "config.yaml"
+    if earlier.is_file():  # the file list of another run in this folder must not be overwritten before the check
+        from .config import ConfigMismatchError, load_yaml
+
+        spec = (load_yaml(earlier).get("data") or {}).get("source_spec")
+        if spec is not None and spec != source and not cfg["train"].get("resume_with_changes"):
+            raise ConfigMismatchError(
+                f"{output} holds a run on data.source {spec!r}, not {source!r}; nothing was written. Use a new "
+                "--output, or pass --set train.resume_with_changes=true to continue that run on the new data")
     files = resolve_named_source(source, resolve_data_root(data_root), modality)
     cfg["data"]["source_spec"] = source
     cfg["data"]["source"] = str(write_source_csv(files, Path(output) / "pretrain_images.csv"))
