@@ -11,29 +11,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data.inputs import InputImage
 from ..data.encoder_inputs import encoder_batch, iter_batches
+from ..data.inputs import InputImage
+from ..models.vit import POOLS, pool_tokens
 
 __all__ = ["POOLS", "pooled_tokens", "compute_embeddings", "pca", "plot_embedding_scatter", "save_embeddings"]
 
 log = logging.getLogger(__name__)
 
-POOLS = ("cls", "mean", "cls+mean")
-
-
 def pooled_tokens(encoder: nn.Module, pixels: Tensor, pool: str = "cls") -> Tensor:
-    """``(B, D)`` (``cls+mean``: ``(B, 2D)``) features after the final norm: the class token, the mean of the
-    patch tokens, or both concatenated."""
-    if pool not in POOLS:
-        raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
-    tokens = encoder.forward_features(pixels)
-    prefix = int(getattr(encoder, "num_prefix_tokens", 1))
-    parts = []
-    if pool in ("cls", "cls+mean"):
-        parts.append(tokens[:, 0])
-    if pool in ("mean", "cls+mean"):
-        parts.append(tokens[:, prefix:].mean(dim=1))
-    return torch.cat(parts, dim=-1)
+    """``(B, D)`` (``cls+mean``: ``(B, 2D)``) features after the final norm (:func:`visionfm.models.vit.pool_tokens`)."""
+    return pool_tokens(encoder.forward_features(pixels), int(getattr(encoder, "num_prefix_tokens", 1)), pool)
 
 
 @torch.no_grad()

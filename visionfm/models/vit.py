@@ -16,8 +16,8 @@ from timm.layers import Attention, DropPath
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-__all__ = ["ARCHS", "create_encoder", "encoder_features", "interpolate_pos_embed", "ExplicitAttention",
-           "set_fused_attention", "cls_features"]
+__all__ = ["ARCHS", "POOLS", "create_encoder", "encoder_features", "pool_tokens", "interpolate_pos_embed",
+           "ExplicitAttention", "set_fused_attention", "cls_features"]
 
 #: Width, depth and heads of the standard ViT sizes.
 ARCHS: Dict[str, Dict[str, int]] = {
@@ -59,6 +59,23 @@ def encoder_features(encoder: VisionTransformer, images: Tensor, blocks: Sequenc
     """Patch-token feature maps ``(B, C, H/p, W/p)`` after the given (0-based) blocks, for dense heads."""
     return list(encoder.forward_intermediates(images, indices=list(blocks), norm=False,
                                               output_fmt="NCHW", intermediates_only=True))
+
+
+#: Token poolings of a ViT's output: the class token, the mean of the patch tokens, or both concatenated.
+POOLS = ("cls", "mean", "cls+mean")
+
+
+def pool_tokens(tokens: Tensor, prefix: int, pool: str = "cls") -> Tensor:
+    """``(B, D)`` (``cls+mean``: ``(B, 2D)``) features from ``(B, prefix + N, D)`` tokens, ``prefix`` of them
+    (class and register tokens) before the patches."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    parts = []
+    if pool in ("cls", "cls+mean"):
+        parts.append(tokens[:, 0])
+    if pool in ("mean", "cls+mean"):
+        parts.append(tokens[:, prefix:].mean(dim=1))
+    return torch.cat(parts, dim=-1)
 
 
 def interpolate_pos_embed(pos_embed: Tensor, new_grid: Sequence[int], num_prefix_tokens: int = 1) -> Tensor:

@@ -24,12 +24,12 @@ from torch.utils.data import DataLoader
 
 from ...data.datasets.labeled import LabeledImages, LabeledSample
 from ...engine.precision import autocast
+from ...models.vit import POOLS, pool_tokens
 
 __all__ = ["POOLS", "feature_dim", "pooled_features", "extract_features", "FeatureCache"]
 
 log = logging.getLogger(__name__)
 
-POOLS = ("cls", "mean", "cls+mean")
 
 
 def _check(pool: str, last_blocks: int, encoder: nn.Module) -> None:
@@ -46,25 +46,16 @@ def feature_dim(encoder: nn.Module, pool: str, last_blocks: int = 1) -> int:
     return encoder.embed_dim * last_blocks * (2 if pool == "cls+mean" else 1)
 
 
-def _pool(tokens: Tensor, prefix: int, pool: str) -> Tensor:
-    parts = []
-    if pool in ("cls", "cls+mean"):
-        parts.append(tokens[:, 0])
-    if pool in ("mean", "cls+mean"):
-        parts.append(tokens[:, prefix:].mean(dim=1))
-    return torch.cat(parts, dim=-1)
-
-
 def pooled_features(encoder: nn.Module, images: Tensor, pool: str = "cls", last_blocks: int = 1) -> Tensor:
     """``(B, feature_dim)`` features of a batch of normalised images (no ``no_grad`` here: fine-tuning uses it
     too)."""
     _check(pool, last_blocks, encoder)
     prefix = encoder.num_prefix_tokens
     if last_blocks == 1:
-        return _pool(encoder.forward_features(images), prefix, pool)
+        return pool_tokens(encoder.forward_features(images), prefix, pool)
     outputs = encoder.forward_intermediates(images, indices=last_blocks, return_prefix_tokens=True, norm=True,
                                             output_fmt="NLC", intermediates_only=True)
-    return torch.cat([_pool(torch.cat([pre, spatial], dim=1), pre.shape[1], pool) for spatial, pre in outputs],
+    return torch.cat([pool_tokens(torch.cat([pre, spatial], dim=1), pre.shape[1], pool) for spatial, pre in outputs],
                      dim=-1)
 
 
