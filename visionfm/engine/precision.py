@@ -4,7 +4,7 @@ dtype limits of compiled ops that autocast cannot see."""
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Dict, FrozenSet, Iterable, Optional, Tuple
+from typing import Callable, ContextManager, Dict, FrozenSet, Iterable, Optional, Tuple
 
 import torch
 
@@ -118,9 +118,11 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManag
 def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
                       scaler: Optional["torch.amp.GradScaler"] = None, parameters=None,
                       clip_grad: Optional[float] = None,
-                      as_tensor: bool = False) -> "Optional[float | torch.Tensor]":
+                      as_tensor: bool = False,
+                      after_backward: Optional[Callable[[], None]] = None) -> "Optional[float | torch.Tensor]":
     """One optimiser step: zero the gradients, backward (through the fp16 grad scaler when there is one),
-    clip the global gradient norm of ``parameters`` (after unscaling), step.
+    ``after_backward()`` (e.g. averaging gradients across ranks by hand, on the unscaled gradients), clip the
+    global gradient norm of ``parameters`` (after unscaling), step.
 
     Returns the gradient norm before clipping when ``clip_grad`` is set (for logging), else ``None``: a float, or
     with ``as_tensor`` the 0-d tensor on the gradients' device (reading it as a float makes the host wait for the
@@ -131,6 +133,8 @@ def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
         scaler.unscale_(optimizer)
     else:
         loss.backward()
+    if after_backward is not None:
+        after_backward()
     grad_norm = None
     if clip_grad:
         grad_norm = torch.nn.utils.clip_grad_norm_(list(parameters), float(clip_grad))

@@ -157,6 +157,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             UnsafeCheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    from ...engine.distributed import is_main_process  # noqa: PLC0415
+
+    if not is_main_process():  # under torchrun every rank has the summary; one prints it
+        return 0
     test = summary["test"]
     brief = {k: test.get(k) for k in ("auroc", "aupr", "accuracy", "balanced_accuracy", "f1_macro", "kappa")
              if k in test}

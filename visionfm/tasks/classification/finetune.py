@@ -14,7 +14,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import kornia.augmentation as K
 import numpy as np
@@ -22,14 +22,13 @@ import torch
 from timm.data import Mixup
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, Subset
 
-from ...errors import NonFiniteLossError
 from ...engine.checkpoint import atomic_save, safe_load
+from ...engine.loop import NullWriter, RunContext, TrainLoop, cosine_schedule
 from ...engine.precision import autocast, backward_and_step
 from ...modalities import Modality, get_modality
 from .features import pooled_features
-from .probe import cosine_schedule
 from .selection import Selector, resolve_select_metric, split_metrics
 from .task import ClassificationTask
 
@@ -96,17 +95,25 @@ def train_augmentation(modality: "Modality | str", size: int, crop_scale: Sequen
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
-                   amp_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
-    """Logits (float32, CPU) and targets of a whole dataset, in order, with the model in eval mode."""
+                   amp_dtype: Optional[torch.dtype] = None,
+                   ctx: Optional[RunContext] = None) -> Tuple[Tensor, Tensor]:
+    """Logits (float32, CPU) and targets of a whole dataset, in order, with the model in eval mode. Under
+    ``torchrun`` (``ctx``) each rank predicts its contiguous share and every rank gets all of them."""
     was_training = model.training
     model.eval()
-    logits, targets = [], []
-    for images, target in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    own = range(len(dataset))[ctx.part(len(dataset))] if ctx is not None else range(len(dataset))
+    logits, targets = [torch.empty(0)], [torch.empty(0, dtype=torch.long)]
+    for images, target in DataLoader(Subset(dataset, list(own)), batch_size=batch_size, shuffle=False):
         with autocast(device, amp_dtype):
             logits.append(model(images.to(device)).float().cpu())
         targets.append(target)
     model.train(was_training)
-    return torch.cat(logits), torch.cat(targets)
+    logits = [x for x in logits if x.numel()] or logits[:1]
+    targets = [t for t in targets if t.numel()] or targets[:1]
+    logits, targets = torch.cat(logits), torch.cat(targets)
+    if ctx is not None:
+        logits, targets = ctx.gather_rows(logits), ctx.gather_rows(targets)
+    return logits, targets
 
 
 def finetune_param_groups(model: EncoderClassifier, weight_decay: float, layer_decay: float):
@@ -128,34 +135,65 @@ def _mixer(cfg: FinetuneConfig, task: ClassificationTask) -> Optional[Mixup]:
                  multi_label=task.kind == "multilabel")
 
 
+class _RankBatches(Sampler):
+    """The batches of ``batches`` cut to one rank's share (:meth:`RunContext.part`). Every rank draws the same
+    global batches from the same generator, so the data of a step do not depend on the number of processes. Under
+    ``torchrun`` a last global batch smaller than the number of ranks is left out (a rank without images cannot
+    take part in the gradient average)."""
+
+    def __init__(self, batches: BatchSampler, ctx: RunContext) -> None:
+        self.batches, self.ctx = batches, ctx
+
+    def __iter__(self):
+        for batch in self.batches:
+            if len(batch) >= self.ctx.world_size:
+                yield batch[self.ctx.part(len(batch))]
+
+    def __len__(self) -> int:
+        n, size = len(self.batches.sampler), self.batches.batch_size
+        full = n // size
+        tail = n - full * size
+        return full + (1 if tail and not self.batches.drop_last and tail >= self.ctx.world_size else 0)
+
+
 def finetune(model: EncoderClassifier, train_set: Dataset, val_set: Dataset, task: ClassificationTask,
              cfg: FinetuneConfig, modality: "Modality | str", img_size: int, device: torch.device,
              amp_dtype: Optional[torch.dtype] = None, use_scaler: bool = False, select_metric: str = "auto",
-             seed: int = 0, writer=None, resume_path: "Optional[str | Path]" = None
-             ) -> Tuple[EncoderClassifier, Dict[str, Any]]:
-    """Fine-tune ``model`` and return it with the weights of the best validation epoch loaded.
+             seed: int = 0, writer=None, resume_path: "Optional[str | Path]" = None,
+             ctx: Optional[RunContext] = None) -> Tuple[EncoderClassifier, Dict[str, Any]]:
+    """Fine-tune ``model`` on :class:`~visionfm.engine.loop.TrainLoop` and return it with the weights of the best
+    validation epoch loaded.
 
     With ``resume_path`` the whole training state (model, optimiser, scaler, best candidate, history, data order
     and random streams) is written there atomically every ``cfg.checkpoint_every_steps`` steps and after every
     epoch, and a run that finds the file continues from it with the result it would have had uninterrupted.
 
+    Under ``torchrun`` (``ctx``) each rank trains on its share of global batches of ``cfg.batch_size`` images per
+    rank (the learning rate scales with the global batch), validates its share of the validation split (the logits
+    are gathered), and rank 0 alone writes the state.
+
     Returns:
         ``(model, selection)`` with the chosen epoch, step, validation metric and loss, and the per-epoch
         validation history.
     """
+    ctx = ctx or RunContext(device)
     metric = resolve_select_metric(task, select_metric)
     model.to(device)
     n = len(train_set)
     mixer = _mixer(cfg, task)
-    batch = min(cfg.batch_size, n)
+    batch = min(cfg.batch_size * ctx.world_size, n)  # the global batch
     if mixer is not None:
-        batch -= batch % 2  # timm's Mixup pairs each image with its mirror in the batch
+        batch -= batch % (2 * ctx.world_size)  # timm's Mixup pairs each image with its mirror in a rank's batch
         if batch < 2:
             raise ValueError("mixup/cutmix need at least 2 training images")
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_set, batch_size=batch, shuffle=True, generator=gen, drop_last=mixer is not None,
-                        num_workers=cfg.num_workers)
-    steps_per_epoch = len(loader)
+    # What DataLoader(shuffle=True, generator=gen) builds, cut to this rank's share of every batch.
+    batches = _RankBatches(BatchSampler(RandomSampler(train_set, generator=gen), batch, drop_last=mixer is not None),
+                           ctx)
+    # generator=gen: the iterator draws its base seed from it, as DataLoader(shuffle=True, generator=gen) did, so
+    # the shuffle and the global random stream (augmentation, dropout) are those of a plain loader
+    loader = DataLoader(train_set, batch_sampler=batches, num_workers=cfg.num_workers, generator=gen)
+    steps_per_epoch = len(batches)
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
@@ -166,84 +204,93 @@ def finetune(model: EncoderClassifier, train_set: Dataset, val_set: Dataset, tas
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     augment = train_augmentation(modality, img_size, cfg.crop_scale).to(device) if cfg.augment else None
     selector = Selector(metric)
-    history: List[Dict[str, Any]] = []
-    step, start_epoch, done_in_epoch, running, seen = 0, 0, 0, 0.0, 0
+    net = ctx.wrap(model)
+    # The loop's counters: the epoch's batch iterator and the generator state its shuffle was drawn from, the
+    # running training loss of the epoch and the per-epoch validation history.
+    run: Dict[str, Any] = {"history": [], "running": 0.0, "seen": 0, "batches": None, "epoch_generator": None}
+    start = 0
     torch.manual_seed(seed)
     resume_path = Path(resume_path) if resume_path is not None else None
-    resumed: Optional[Dict[str, Any]] = None
     if resume_path is not None and resume_path.is_file():
         resumed = _restore(resume_path, model, optimizer, scaler, selector, gen)
-        history, step, start_epoch = resumed["history"], resumed["step"], resumed["epoch"]
-        done_in_epoch, running, seen = resumed["batches_done"], resumed["running"], resumed["seen"]
-        log.info("resuming fine-tuning from %s at step %d (epoch %d, batch %d)", resume_path, step, start_epoch + 1,
-                 done_in_epoch)
+        start, done_in_epoch = resumed["step"], resumed["batches_done"]
+        run.update(history=resumed["history"], running=resumed["running"], seen=resumed["seen"])
+        log.info("resuming fine-tuning from %s at step %d (epoch %d, batch %d)", resume_path, start,
+                 resumed["epoch"] + 1, done_in_epoch)
+        if done_in_epoch:  # the same order as before the interruption, minus what was trained
+            run["epoch_generator"] = gen.get_state()
+            run["batches"] = iter(loader)
+            for _ in range(done_in_epoch):
+                next(run["batches"])
+        torch.set_rng_state(resumed["rng_torch"])
+        np.random.set_state(tuple(resumed["rng_numpy"]))  # timm's Mixup draws from numpy
 
-    def save(epoch: int, batches_done: int, epoch_generator: Tensor) -> None:
-        atomic_save({"format": "visionfm-cls-finetune-state/1", "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                     "selector": {"best_key": list(selector.best_key) if selector.best_key else None,
-                                  "best": _plain(selector.best), "state": selector.state},
-                     "history": _plain(history), "step": step, "epoch": epoch, "batches_done": batches_done,
-                     "running": running, "seen": seen, "epoch_generator": epoch_generator,
-                     "rng_torch": torch.get_rng_state(), "rng_numpy": _numpy_state()}, resume_path)
+    def step(index: int) -> Dict[str, Any]:
+        model.train()  # validation leaves it in eval mode
+        if index % steps_per_epoch == 0 or run["batches"] is None:
+            run["epoch_generator"] = gen.get_state()  # the epoch's shuffle is drawn from it as its iterator starts
+            run["batches"] = iter(loader)
+            run.update(running=0.0, seen=0)
+        images, targets = next(run["batches"])
+        images, targets = images.to(device, non_blocking=True), targets.to(device)
+        if augment is not None:
+            images = augment(images)
+        if mixer is not None:
+            images, targets = mixer(images, targets)
+        for group in optimizer.param_groups:
+            group["lr"] = float(lrs[index]) * group.get("lr_scale", 1.0)
+        with autocast(device, amp_dtype):
+            logits = net(images)
+        loss = task.loss(logits, targets)
+        if torch.isfinite(loss):  # a NaN is reported by the loop before anything is saved
+            # A rank's share of an uneven last batch weighs in by its size: the average is the global batch's mean.
+            weight = ctx.loss_weight(images.shape[0], min(batch, n - (index % steps_per_epoch) * batch))
+            backward_and_step(loss * weight if weight != 1.0 else loss, optimizer, scaler, model.parameters(),
+                              cfg.clip_grad)
+        run["running"] += float(loss.detach()) * images.shape[0]
+        run["seen"] += images.shape[0]
+        return {"loss": float(loss.detach()), "lr": float(lrs[index])}
 
-    every = int(cfg.checkpoint_every_steps or 0)
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        epoch_generator = gen.get_state()  # the shuffle of this epoch is drawn from it when the iterator starts
-        batches = iter(loader)
-        if resumed is not None and epoch == start_epoch:
-            for _ in range(done_in_epoch):  # the same order as before the interruption, minus what was trained
-                next(batches)
-            torch.set_rng_state(resumed["rng_torch"])
-            np.random.set_state(tuple(resumed["rng_numpy"]))  # timm's Mixup draws from numpy
-        else:
-            running, seen, done_in_epoch = 0.0, 0, 0
-        for images, targets in batches:
-            if step >= total:
-                break
-            images, targets = images.to(device, non_blocking=True), targets.to(device)
-            if augment is not None:
-                images = augment(images)
-            if mixer is not None:
-                images, targets = mixer(images, targets)
-            for group in optimizer.param_groups:
-                group["lr"] = float(lrs[step]) * group.get("lr_scale", 1.0)
-            with autocast(device, amp_dtype):
-                logits = model(images)
-            loss = task.loss(logits, targets)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"fine-tuning loss is {loss.item()} at step {step}; lower finetune.lr or "
-                                         "use --precision fp32")
-            backward_and_step(loss, optimizer, scaler, model.parameters(), cfg.clip_grad)
-            running += float(loss.detach()) * images.shape[0]
-            seen += images.shape[0]
-            if writer is not None:
-                writer.add_scalar("finetune/train_loss", float(loss.detach()), step)
-                writer.add_scalar("finetune/lr", float(lrs[step]), step)
-            step += 1
-            done_in_epoch += 1
-            if resume_path is not None and every and step % every == 0 and step < total:
-                save(epoch, done_in_epoch, epoch_generator)
-        logits, val_targets = predict_logits(model, val_set, batch, device, amp_dtype)
+    def validate(done: int) -> None:
+        epoch = (done - 1) // steps_per_epoch
+        logits, val_targets = predict_logits(model, val_set, batch, device, amp_dtype, ctx)
         val_loss = float(task.loss(logits, val_targets))
         val = split_metrics(task, task.probabilities(logits), val_targets)
-        info = {"epoch": epoch + 1, "step": step}
-        history.append({**info, "train_loss": running / max(seen, 1), "val_loss": val_loss,
-                        "val_" + metric: val.get(metric) if metric != "loss" else val_loss})
+        info = {"epoch": epoch + 1, "step": done}
+        train_loss = run["running"] / max(run["seen"], 1)
+        run["history"].append({**info, "train_loss": train_loss, "val_loss": val_loss,
+                               "val_" + metric: val.get(metric) if metric != "loss" else val_loss})
         selector.offer(val, val_loss, info,
                        state_fn=lambda: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        log.info("epoch %d/%d step %d: train loss %.4f, val loss %.4f, val %s %s", epoch + 1, epochs, step,
-                 running / max(seen, 1), val_loss, metric, val.get(metric))
+        log.info("epoch %d/%d step %d: train loss %.4f, val loss %.4f, val %s %s", epoch + 1, epochs, done,
+                 train_loss, val_loss, metric, val.get(metric))
         if writer is not None:
             writer.add_scalar("finetune/val_loss", val_loss, epoch + 1)
             if metric != "loss" and val.get(metric) is not None:
                 writer.add_scalar(f"finetune/val_{metric}", val[metric], epoch + 1)
-        if resume_path is not None:
-            save(epoch + 1, 0, gen.get_state())
+
+    def save(done: int) -> None:
+        if resume_path is None or not ctx.is_main:
+            return
+        end_of_epoch = done % steps_per_epoch == 0 or done == total
+        epoch, batches_done = divmod(done, steps_per_epoch) if not end_of_epoch else (math.ceil(done / steps_per_epoch), 0)
+        atomic_save({"format": "visionfm-cls-finetune-state/1", "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                     "selector": {"best_key": list(selector.best_key) if selector.best_key else None,
+                                  "best": _plain(selector.best), "state": selector.state},
+                     "history": _plain(run["history"]), "step": done, "epoch": epoch, "batches_done": batches_done,
+                     "running": run["running"], "seen": run["seen"],
+                     "epoch_generator": gen.get_state() if end_of_epoch else run["epoch_generator"],
+                     "rng_torch": torch.get_rng_state(), "rng_numpy": _numpy_state()}, resume_path)
+
+    every = int(cfg.checkpoint_every_steps or 0)
+    loop = TrainLoop(ctx, total, "finetune", writer if writer is not None else NullWriter(), items_per_step=batch,
+                     log_every=1, val_every=steps_per_epoch, save_every=every,
+                     hint="lower finetune.lr or use --precision fp32")
+    loop.run(step, validate, save, start)
     model.load_state_dict(selector.state)
     model.eval()
-    selection = {"select_metric": metric, **selector.best, "history": history, "steps": step,
+    selection = {"select_metric": metric, **selector.best, "history": run["history"], "steps": total,
                  "base_lr": base_lr, "batch_size": batch}
     return model, selection
 

@@ -29,6 +29,7 @@ from ...data.datasets.labeled import (SPLITS, LabeledImages, LabeledSample, limi
                                       targets_tensor)
 from ...engine.checkpoint import atomic_save
 from ...engine.loading import loader_settings
+from ...engine.loop import RunContext
 from ...engine.precision import enable_tf32, resolve_precision
 from ...metrics import evaluate_split, plot_confusion_matrix, plot_roc_curves, to_jsonable
 from ...modalities import get_modality
@@ -67,6 +68,9 @@ class ClassificationExperiment:
         self.seed = int(cfg["train"]["seed"])
         self.device = resolve_device(cfg["train"].get("device"))
         self.amp_dtype, self.use_scaler = resolve_precision(cfg["train"].get("precision", "auto"), self.device)
+        # Under torchrun fine-tuning trains one model across the ranks; the frozen-feature modes (cheap) run on every
+        # rank alike. Rank 0 alone writes the run folder.
+        self.ctx = RunContext.start(self.device)
         # data.num_workers auto: loader workers on a GPU, none on the CPU (visionfm.engine.loading)
         self.num_workers = loader_settings(cfg["data"], self.device)["num_workers"]
         enable_tf32(self.device)  # feature caching and linear probes run in fp32
@@ -176,8 +180,8 @@ class ClassificationExperiment:
                      "candidates": tried}
         return selector.state, test_probs, selection, {}
 
-    def _run_finetune(self, train: List[LabeledSample], seed: int, writer,
-                      resume_path: Optional[Path] = None) -> Tuple[Tensor, Tensor, Dict, Dict]:
+    def _run_finetune(self, train: List[LabeledSample], seed: int, writer, resume_path: Optional[Path] = None,
+                      ctx: Optional[RunContext] = None) -> Tuple[Tensor, Tensor, Dict, Dict]:
         cfg, model_cfg = self.cfg["finetune"], self.cfg["model"]
         torch.manual_seed(seed)
         encoder, _ = self._load_encoder(drop_path=float(cfg.get("drop_path", 0.0)))
@@ -203,10 +207,10 @@ class ClassificationExperiment:
         test_set = self._cached_images(self.data.splits["test"])
         model, selection = finetune(model, self._cached_images(train), val_set, self.task, ft_cfg, self.modality,
                                     self.img_size, self.device, self.amp_dtype, self.use_scaler,
-                                    self.select_metric, seed, writer, resume_path=resume_path)
+                                    self.select_metric, seed, writer, resume_path=resume_path, ctx=ctx)
         batch = int(self.cfg["data"].get("batch_size", 64))
-        val_logits, _ = predict_logits(model, val_set, batch, self.device, self.amp_dtype)
-        test_logits, _ = predict_logits(model, test_set, batch, self.device, self.amp_dtype)
+        val_logits, _ = predict_logits(model, val_set, batch, self.device, self.amp_dtype, ctx)
+        test_logits, _ = predict_logits(model, test_set, batch, self.device, self.amp_dtype, ctx)
         state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "pool": pool}
         return self.task.probabilities(val_logits), self.task.probabilities(test_logits), selection, state
 
@@ -225,21 +229,22 @@ class ClassificationExperiment:
         Returns:
             The content of ``metrics.json``.
         """
-        from torch.utils.tensorboard import SummaryWriter
-
         start = time.perf_counter()
         feature_seconds = self.features.seconds
         output = Path(output)
-        output.mkdir(parents=True, exist_ok=True)
+        ctx = dataclasses.replace(self.ctx, output=output)
+        if ctx.is_main:
+            output.mkdir(parents=True, exist_ok=True)
         shots = shots if shots is not None else self.cfg["data"].get("shots")
         seed = self.seed if seed is None else int(seed)
         n_bootstrap = int(self.cfg["eval"].get("bootstrap", 1000) if n_bootstrap is None else n_bootstrap)
         cfg = {**self.cfg, "data": {**self.cfg["data"], "shots": shots}, "train": {**self.cfg["train"], "seed": seed}}
-        write_run_config(cfg, output)
+        if ctx.is_main:
+            write_run_config(cfg, output)
         train = self.train_samples(shots, seed)
         if shots:
             log.info("few-shot: %d shots per class -> %d training images (seed %d)", shots, len(train), seed)
-        writer = SummaryWriter(str(output / "tensorboard"))
+        writer = ctx.writer()
         try:
             if self.mode == "linear":
                 val_probs, test_probs, selection, state = self._run_linear(train, seed, writer)
@@ -247,7 +252,7 @@ class ClassificationExperiment:
                 val_probs, test_probs, selection, state = self._run_knn(train, writer)
             else:
                 val_probs, test_probs, selection, state = self._run_finetune(train, seed, writer,
-                                                                             output / FINETUNE_STATE)
+                                                                             output / FINETUNE_STATE, ctx)
             results = {}
             confidence = float(self.cfg["eval"].get("confidence", 0.95))
             for split, probs in (("val", val_probs), ("test", test_probs)):
@@ -262,7 +267,8 @@ class ClassificationExperiment:
         finally:
             writer.close()
         summary = self._summary(train, shots, seed, selection, results, start, feature_seconds)
-        self._write(output, summary, test_probs, state)
+        if ctx.is_main:
+            self._write(output, summary, test_probs, state)
         return summary
 
     def _summary(self, train, shots, seed, selection, results, start, feature_seconds) -> Dict[str, Any]:

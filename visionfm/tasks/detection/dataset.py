@@ -201,13 +201,16 @@ class StepBatchSampler(torch.utils.data.Sampler):
         seed: Run seed.
         start: First step to yield.
         stop: Step to stop before.
+        part: The share of every batch to yield (a ``torchrun`` rank's, :meth:`visionfm.engine.loop.RunContext.part`):
+            ranks cut the same global batch, so the data do not depend on the number of processes.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int):
+    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int, part: slice = slice(None)):
         if not 1 <= batch_size <= size:
             raise ValueError(f"batch size {batch_size} must be between 1 and the {size} training images")
         self.size, self.batch_size, self.seed = int(size), int(batch_size), int(seed)
         self.start, self.stop = int(start), int(stop)
+        self.part = part
         self.per_epoch = self.size // self.batch_size
 
     def __len__(self) -> int:
@@ -222,4 +225,4 @@ class StepBatchSampler(torch.utils.data.Sampler):
                     int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))).tolist()
             first = (step % self.per_epoch) * self.batch_size
             seeds = np.random.SeedSequence([self.seed, step]).generate_state(self.batch_size)
-            yield [(order[first + slot], int(seeds[slot])) for slot in range(self.batch_size)]
+            yield [(order[first + slot], int(seeds[slot])) for slot in range(self.batch_size)][self.part]

@@ -25,11 +25,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ...errors import NonFiniteLossError
 from ...cli import add_common_arguments, resolve_data_root, resolve_device
 from ...config import CONFIG_DIR, ConfigError, ConfigMismatchError, build_config, check_resumable, write_run_config
-from ...engine.checkpoint import atomic_save, restart_from_checkpoint, safe_load, stop_requests
+from ...engine.checkpoint import atomic_save, restart_from_checkpoint, safe_load
 from ...engine.loading import loader_settings
+from ...engine.loop import RunContext, TrainLoop, cosine_schedule
 from ...engine.precision import backward_and_step, enable_tf32, precision_for_ops
 from ...modalities import get_modality
 from ...data.boxes import DetectionRecord
@@ -217,13 +217,6 @@ def _param_groups(model: torch.nn.Module, lr: float, backbone_mult: float, weigh
                  weight_decay=0.0 if nd else weight_decay) for (bb, nd), params in groups.items()]
 
 
-def _lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _save_resume_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        scaler: Optional["torch.amp.GradScaler"], cfg: Dict[str, Any], limit: Optional[int], step: int,
                        best: Dict[str, Any], seconds: float) -> None:
@@ -291,15 +284,16 @@ def compiled_cuda_ops(model: torch.nn.Module) -> List[str]:
 def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int] = None) -> Dict[str, Any]:
     """Train, select on validation, test. Returns (and writes) the metrics."""
     from mmengine.dataset import pseudo_collate  # noqa: PLC0415
-    from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
     from .dataset import DetectionDataset, StepBatchSampler  # noqa: PLC0415
     from .evaluation import draw_predictions, evaluate  # noqa: PLC0415
 
     t_start = time.time()
-    output.mkdir(parents=True, exist_ok=True)
-    write_run_config(cfg, output)
     tc, oc, ec, dc = cfg["train"], cfg["optim"], cfg["eval"], cfg["data"]
+    device = resolve_device(tc.get("device"))
+    ctx = RunContext.start(device, output)  # rank 0 creates the run folder and alone writes into it
+    if ctx.is_main:
+        write_run_config(cfg, output)
     select = str(ec["select"])
     if select not in SELECT_METRICS:
         raise ConfigError(f"eval.select must be one of {', '.join(SELECT_METRICS)}, got {select!r}")
@@ -307,7 +301,6 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    device = resolve_device(tc.get("device"))
     enable_tf32(device)  # two-stage detectors and evaluation run in fp32
 
     splits, classes = load_records(cfg, data_root, limit)
@@ -340,7 +333,8 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
                               f"on the RPN proposals needs fp32); use train.precision=fp32 or auto")
         log.info("two-stage detector: training in fp32 (mmcv's nms on RPN proposals needs fp32)")
         amp_dtype, scaler = None, None
-    mm.dump(str(output / "mmdet_config.py"))
+    if ctx.is_main:
+        mm.dump(str(output / "mmdet_config.py"))
     model.to(device)
     log.info("encoder: %s %s from %s; training precision %s", info.modality, info.arch,
              info.source or "random initialisation", amp_dtype or "fp32")
@@ -354,13 +348,16 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
         raise ConfigError(f"nothing to train: {total} steps")
     optimizer = torch.optim.AdamW(_param_groups(model, float(oc["lr"]), float(oc["backbone_lr_mult"]),
                                                 float(oc["weight_decay"])), lr=float(oc["lr"]))
-    batch_size = min(int(oc["batch_size"]), len(datasets["train"]))
-    writer = SummaryWriter(str(output / "tensorboard"))
+    # Under torchrun every rank takes its slice of a global batch of batch_size per rank (at most the training set).
+    global_batch = min(int(oc["batch_size"]) * ctx.world_size, len(datasets["train"]))
+    if global_batch < ctx.world_size:
+        raise ConfigError(f"{len(datasets['train'])} training images cannot give each of {ctx.world_size} processes "
+                          "an image per step")
+    writer = ctx.writer()
     best_path, resume_path = output / "best.pth", output / RESUME_NAME
     best: Dict[str, Any] = {"score": -math.inf, "step": None, "val": None}
-    eval_every = max(1, int(tc["eval_every"]))
-    log_every = max(1, int(tc["log_every"]))
     warmup = min(int(oc["warmup_steps"]), max(0, planned - 1))
+    schedule = cosine_schedule(1.0, float(oc["min_lr_ratio"]), planned, warmup)
     # Evaluation runs in fp32 whatever the training precision: bf16 scores (8-bit mantissa) tie in the ranking
     # that AP and the top-box point depend on, and evaluation is a small part of the time.
     eval_kw = dict(batch_size=int(ec["batch_size"]), amp_dtype=None, classwise=bool(ec["classwise"]))
@@ -371,56 +368,67 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
     start = step
     # Batches are a function of the step number (StepBatchSampler); the loader's own generator keeps its worker
     # seed from drawing on the global RNG, which the model's drop-path uses and a resumed run restores.
-    loader = torch.utils.data.DataLoader(
-        datasets["train"], batch_sampler=StepBatchSampler(len(datasets["train"]), batch_size, seed, step, total),
+    loader = iter(torch.utils.data.DataLoader(
+        datasets["train"], batch_sampler=StepBatchSampler(len(datasets["train"]), global_batch, seed, step, total,
+                                                          ctx.part(global_batch)),
         collate_fn=pseudo_collate, generator=torch.Generator().manual_seed(seed),
-        **loader_settings({"num_workers": tc.get("num_workers", "auto")}, device))
+        **loader_settings({"num_workers": tc.get("num_workers", "auto")}, device, ctx.world_size)))
+    # Gradients averaged across ranks (mmdet's losses are means over each rank's images). Some encoder parameters
+    # (the final norm, blocks above the last out index) take no part in the loss: DDP must look for them.
+    net = ctx.wrap(model, find_unused_parameters=True)
+    loop = TrainLoop(ctx, total, "det train", writer, items_per_step=global_batch, log_every=int(tc["log_every"]),
+                     val_every=max(1, int(tc["eval_every"])),
+                     hint="lower optim.lr or check the boxes of the training images")
 
-    model.train()
-    t_train = time.time()
-    with stop_requests(str(resume_path)) as stop_signal:
-        for batch in loader:
-            factor = _lr_factor(step, planned, warmup, float(oc["min_lr_ratio"]))
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            data = model.data_preprocessor(batch, training=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                losses = model(**data, mode="loss")
-            loss, log_vars = model.parse_losses(losses)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"step {step}: loss is {loss.item()} ({dict(log_vars)}); lower optim.lr or "
-                                         f"check the boxes of this batch: {[s.img_path for s in data['data_samples']]}")
+    def train_step(index: int) -> Dict[str, Any]:
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * float(schedule[index])
+        data = model.data_preprocessor(next(loader), training=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            losses = net(**data, mode="loss")
+        loss, log_vars = model.parse_losses(losses)
+        if torch.isfinite(loss):  # a NaN is reported by the loop before anything is saved
             backward_and_step(loss, optimizer, scaler, model.parameters(), oc.get("clip_grad"))
-            step += 1
-            if step % log_every == 0 or step == total:
-                for key, value in log_vars.items():
-                    writer.add_scalar(f"train/{key}", float(torch.as_tensor(value).detach()), step)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-                log.info("step %d/%d loss %.4f (%.2f s/step)", step, total, loss.item(),
-                         (time.time() - t_train) / (step - start))
-            if step % eval_every == 0 or step == total:
-                val, _ = evaluate(model, datasets["val"], **eval_kw)
-                for key, value in val.items():
-                    writer.add_scalar(f"val/{key}", float(value), step)
-                score = float(val[select])
-                log.info("step %d validation: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
-                if score >= best["score"] or best["step"] is None:  # ties go to the later, longer-trained checkpoint
-                    best = {"score": score, "step": step, "val": val}
-                    atomic_save({"model": model.state_dict(), "step": step, "val": val, "classes": list(classes),
-                                 "config": cfg}, best_path)
-                    log.info("step %d: best validation %s %.4g, saved %s", step, select, score, best_path)
-                _save_resume_state(resume_path, model, optimizer, scaler, cfg, limit, step, best,
-                                   seconds_before + time.time() - t_train)
-                model.train()
-            if stop_signal:
-                _save_resume_state(resume_path, model, optimizer, scaler, cfg, limit, step, best,
-                                   seconds_before + time.time() - t_train)
-                writer.close()
-                log.warning("stopped after step %d; run the same command again to resume from %s", step,
-                            resume_path)
-                raise SystemExit(128 + stop_signal[0])
-    train_time = seconds_before + time.time() - t_train
+        else:
+            log.error("non-finite loss %s on the images %s", dict(log_vars), [s.img_path for s in data["data_samples"]])
+        return {**{k: float(torch.as_tensor(v).detach()) for k, v in log_vars.items()},
+                "lr": optimizer.param_groups[0]["lr"]}
+
+    def validate(done: int) -> None:
+        # mmdet's COCO metric needs every prediction in one place: rank 0 scores the validation split and the
+        # others take its decision.
+        nonlocal best
+        val = None
+        if ctx.is_main:
+            val, _ = evaluate(model, datasets["val"], **eval_kw)
+            for key, value in val.items():
+                writer.add_scalar(f"val/{key}", float(value), done)
+            log.info("step %d validation: %s", done, ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+        val = ctx.broadcast(val)
+        score = float(val[select])
+        if score >= best["score"] or best["step"] is None:  # ties go to the later, longer-trained checkpoint
+            best = {"score": score, "step": done, "val": val}
+            if ctx.is_main:
+                atomic_save({"model": model.state_dict(), "step": done, "val": val, "classes": list(classes),
+                             "config": cfg}, best_path)
+                log.info("step %d: best validation %s %.4g, saved %s", done, select, score, best_path)
+
+    def save(done: int) -> None:
+        if ctx.is_main:
+            _save_resume_state(resume_path, model, optimizer, scaler, cfg, limit, done, best,
+                               seconds_before + time.perf_counter() - t_train)
+
+    t_train = time.perf_counter()
+    try:
+        loop.run(train_step, validate, save, start)
+    finally:
+        if not ctx.is_main:
+            writer.close()
+    train_time = seconds_before + loop.seconds
     best_step, best_val = best["step"], best["val"]
+    if not ctx.is_main:  # the test evaluation and its files: rank 0 alone
+        return ctx.broadcast(None)
 
     state = safe_load(best_path)
     model.load_state_dict(state["model"], strict=True)
@@ -446,7 +454,7 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
     })
     _write_json(metrics, output / "metrics.json")
     log.info("test: %s", ", ".join(f"{k} {v:.4g}" for k, v in test.items()))
-    return metrics
+    return ctx.broadcast(metrics)
 
 
 def build_predict_parser() -> argparse.ArgumentParser:

@@ -142,6 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # Imported here so that --help and config errors answer without loading torch and mmseg.
+    from ...engine.distributed import is_main_process
     from .runner import evaluate_checkpoint, train
 
     data_root = resolve_data_root(args.data_root)
@@ -154,5 +155,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except _errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(json.dumps({"output": str(args.output), "pooled": result["pooled"], "mean": result["mean"]}))
+    if is_main_process():  # under torchrun every rank returns the result; one prints it
+        print(json.dumps({"output": str(args.output), "pooled": result["pooled"], "mean": result["mean"]}))
     return 0

@@ -171,6 +171,17 @@ class BinarySegMetrics:
         self.per_image.append({"name": name, **m})
         return m
 
+    def merge(self, other: "BinarySegMetrics") -> "BinarySegMetrics":
+        """Add another accumulator's images (same threshold and bins): the validation shares of the ranks of a
+        ``torchrun`` job pool into the metrics one process would have computed. Returns ``self``."""
+        if other.bins != self.bins or other.threshold != self.threshold:
+            raise ValueError("metrics with other bins or threshold cannot be merged")
+        self._pos += other._pos
+        self._neg += other._neg
+        self._counts += other._counts
+        self.per_image.extend(other.per_image)
+        return self
+
     def pooled(self) -> Dict[str, float]:
         tp, fp, fn, tn = (int(c) for c in self._counts)
         out = counts_metrics(tp, fp, fn, tn)

@@ -30,7 +30,8 @@ from ...config import check_resumable, write_run_config
 from ...data.datasets.generic_seg import SegSample, SegSplits
 from ...data.inputs import check_min_side, collect_images, note_channels, warn_if_large
 from ...data.io import read_image
-from ...engine.checkpoint import atomic_save, restart_from_checkpoint, safe_load, stop_requests
+from ...engine.checkpoint import atomic_save, restart_from_checkpoint, safe_load
+from ...engine.loop import RunContext, TrainLoop, cosine_schedule
 from ...engine.precision import autocast, backward_and_step, resolve_precision
 from ...engine.threads import ThreadChooser
 from ...modalities import get_modality
@@ -106,15 +107,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
 
 
 def lr_multipliers(total: int, warmup: int, min_ratio: float) -> np.ndarray:
-    """Per-step lr multipliers: linear warm-up, then cosine decay to ``min_ratio``."""
-    steps = np.arange(total, dtype=np.float64)
-    warm = max(0, min(int(warmup), total))
-    out = np.empty(total)
-    out[:warm] = (steps[:warm] + 1) / max(warm, 1)
-    rest = steps[warm:] - warm
-    span = max(total - warm, 1)
-    out[warm:] = min_ratio + 0.5 * (1 - min_ratio) * (1 + np.cos(np.pi * rest / span))
-    return out
+    """Per-step lr multipliers: linear warm-up, then cosine decay to ``min_ratio`` (the engine's one schedule)."""
+    return cosine_schedule(1.0, min_ratio, total, warmup)
 
 
 # ------------------------------------------------------------------------------------------------ inference
@@ -224,12 +218,6 @@ def _score_loaded(model: nn.Module, images: Sequence[LoadedImage], threshold: fl
         prob = predict_probability(model, im.image, im.mask.shape, device, amp_dtype, flip=flip, rot90=rot90)
         metrics.update(im.sample.name, prob, im.mask, im.fov)
     return metrics
-
-
-def _validate(model: nn.Module, images: Sequence[LoadedImage], threshold: float, device: torch.device,
-              amp_dtype: Optional[torch.dtype]) -> Dict[str, float]:
-    """Pooled metrics of the validation images at the working resolution (cheap; for model selection)."""
-    return _score_loaded(model, images, threshold, device, amp_dtype, bins=1 << 16).pooled()
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -377,23 +365,37 @@ def _seed(seed: int) -> None:
 def train(cfg: Dict[str, Any], output: "str | Path", data_root: "str | Path", device: torch.device) -> Dict[str, Any]:
     """Train on the training split (minus validation), keep the best validation checkpoint, evaluate it on the
     test split. Writes ``config.yaml``, ``best.pth``, ``tensorboard/``, ``metrics.json``, ``metrics.csv`` and
-    ``overlays/`` under ``output``; returns the metrics dict."""
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    ``overlays/`` under ``output``; returns the metrics dict.
+
+    Under ``torchrun`` each rank trains on its share of every global batch of ``optim.batch_size`` crops per rank,
+    validates its share of the validation images (pooled across ranks), and rank 0 alone writes files and runs the
+    test evaluation (its result is returned on every rank)."""
     t_cfg = cfg["train"]
     _seed(int(t_cfg["seed"]))
     test_threshold = threshold_setting(cfg)  # checked before any work; None: chosen on validation after training
     amp_dtype, needs_scaler = resolve_precision(t_cfg.get("precision", "auto"), device)
+    ctx = RunContext.start(device, output)
     # The thread count this run chooses is put back when it ends: a later run in this process starts afresh.
     with ThreadChooser(t_cfg.get("threads"), device, amp_dtype) as threads:
-        return _train(cfg, output, data_root, device, threads, test_threshold, amp_dtype, needs_scaler)
+        return _train(cfg, ctx, data_root, threads, test_threshold, amp_dtype, needs_scaler)
 
 
-def _train(cfg: Dict[str, Any], output: Path, data_root: "str | Path", device: torch.device, threads: ThreadChooser,
+def _pooled_validation(model: nn.Module, images: Sequence[LoadedImage], threshold: float, ctx: RunContext,
+                       amp_dtype: Optional[torch.dtype]) -> Dict[str, float]:
+    """Pooled metrics of the validation images at the working resolution (cheap; for model selection): each rank
+    scores its share and the shares' histograms are pooled, so every rank gets the one-process numbers."""
+    metrics = _score_loaded(model, ctx.shard(list(images)), threshold, ctx.device, amp_dtype, bins=1 << 16)
+    pooled = BinarySegMetrics(threshold, bins=1 << 16)
+    for part in ctx.gather_objects(metrics):
+        pooled.merge(part)
+    return pooled.pooled()
+
+
+def _train(cfg: Dict[str, Any], ctx: RunContext, data_root: "str | Path", threads: ThreadChooser,
            test_threshold: Optional[float], amp_dtype: Optional[torch.dtype], needs_scaler: bool) -> Dict[str, Any]:
-    """The body of :func:`train`, run while ``threads`` holds the thread count."""
-    from torch.utils.tensorboard import SummaryWriter
-
+    """The body of :func:`train`, run while ``threads`` holds the thread count: the data and model, the trainer's
+    step and validation on :class:`~visionfm.engine.loop.TrainLoop`, then the test evaluation."""
+    output, device = Path(ctx.output), ctx.device
     t_cfg, o_cfg = cfg["train"], cfg["optim"]
     splits, train_samples, val_samples = prepare_splits(cfg, data_root)
     if not splits.test:
@@ -402,7 +404,8 @@ def _train(cfg: Dict[str, Any], output: Path, data_root: "str | Path", device: t
         log.info("%s: %s", splits.dataset, note)
     log.info("%s (%s): %d train, %d validation (carved from train), %d test images", splits.dataset, splits.target,
              len(train_samples), len(val_samples), len(splits.test))
-    write_run_config(cfg, output)
+    if ctx.is_main:
+        write_run_config(cfg, output)
 
     model, mm_cfg = build_segmentor(cfg)
     model.to(device)
@@ -436,76 +439,94 @@ def _train(cfg: Dict[str, Any], output: Path, data_root: "str | Path", device: t
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     schedule = lr_multipliers(planned, int(o_cfg.get("warmup_steps", 0)), float(o_cfg.get("min_lr_ratio", 0.01)))
     batch_size = int(o_cfg["batch_size"])
-    val_every = max(1, int(t_cfg.get("val_every", 200)))
-    checkpoint_every = int(t_cfg.get("checkpoint_every_steps") or 0)
+    global_batch = batch_size * ctx.world_size
     select = str(t_cfg.get("select_metric", "dice"))
-    best_path = output / "best.pth"
-    writer = SummaryWriter(str(output / "tensorboard"))
+    best_path, resume_path = output / "best.pth", output / RESUME_NAME
     best: Dict[str, Any] = {"step": None, "value": -math.inf, "val": {}}
     clip = float(o_cfg.get("clip_grad", 0.0) or 0.0)
-    log.info("training %d steps, batch %d crops of %d px, lr %.2e (layer decay %s), %s on %s", total, batch_size,
-             int(data["crop_size"]), lr, o_cfg.get("layer_decay", 1.0), amp_dtype or "fp32", device)
+    log.info("training %d steps, batch %d crops of %d px (%d per rank x %d), lr %.2e (layer decay %s), %s on %s",
+             total, global_batch, int(data["crop_size"]), batch_size, ctx.world_size, lr,
+             o_cfg.get("layer_decay", 1.0), amp_dtype or "fp32", device)
 
-    resume_path = output / RESUME_NAME
     start, seen_loss, seconds_before = 0, [], 0.0
     if resume_path.is_file():
         start, best, seen_loss, seconds_before = _resume(resume_path, model, optimizer, scaler, sampler, cfg)
-    t_train = time.time()
-    with stop_requests(str(resume_path)) as stop_signal:
-        for step in range(start, total):
-            model.train()
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"] * float(schedule[step])  # a Python float: safe to torch.load
-            images, labels = sampler.sample(batch_size)
-            images, labels = augment(images, labels)
-            batch = model.data_preprocessor(_batch(images.to(device), labels.to(device)), training=True)
-            with autocast(device, amp_dtype):
-                losses = model(**batch, mode="loss")
-            loss, log_vars = model.parse_losses(losses)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {loss.item()} at step {step + 1} ({log_vars}); lower optim.lr or "
-                                         f"use train.precision=fp32. {best_path} (if any) holds the best model so far")
-            backward_and_step(loss, optimizer, scaler, [p for g in groups for p in g["params"]], clip or None)
-            seen_loss.append(float(loss.item()))
-            for key, value in log_vars.items():
-                writer.add_scalar(f"train/{key}", float(value.detach() if torch.is_tensor(value) else value), step + 1)
-            writer.add_scalar("train/lr", lr * schedule[step], step + 1)
-            if (step + 1) % int(t_cfg.get("log_every", 20)) == 0 or step == 0:
-                elapsed = time.time() - t_train
-                log.info("step %d/%d loss %.4f (%.2f s/step)", step + 1, total, float(np.mean(seen_loss[-20:])),
-                         elapsed / (step + 1 - start))
-            if (step + 1) % val_every == 0 or step + 1 == total:
-                if val_images:
-                    val = _validate(model, val_images, 0.5 if test_threshold is None else test_threshold, device,
-                                    amp_dtype)
-                    for key in METRIC_NAMES:
-                        if not math.isnan(val[key]):
-                            writer.add_scalar(f"val/{key}", val[key], step + 1)
-                    value = val[select]
-                    log.info("step %d validation: dice %.4f auc %.4f%s", step + 1, val["dice"], val["auc"],
-                             " (best)" if value > best["value"] else "")
-                else:
-                    val, value = {}, float(step)  # nothing to validate on: keep the last model
-                if best["step"] is None or value > best["value"]:
-                    best = {"step": step + 1, "value": value, "val": val}
-                    _save_best(best_path, model, cfg, step + 1, val)
-                _save_resume_state(resume_path, model, optimizer, scaler, sampler, cfg, step + 1, best, seen_loss,
-                                   seconds_before + time.time() - t_train)
-                writer.flush()
-                threads.recheck()
-            elif checkpoint_every and (step + 1) % checkpoint_every == 0:  # a SIGKILL loses at most this many steps
-                _save_resume_state(resume_path, model, optimizer, scaler, sampler, cfg, step + 1, best, seen_loss,
-                                   seconds_before + time.time() - t_train)
-            if stop_signal:
-                _save_resume_state(resume_path, model, optimizer, scaler, sampler, cfg, step + 1, best, seen_loss,
-                                   seconds_before + time.time() - t_train)
-                writer.close()
-                log.warning("stopped after step %d; run the same command again to resume from %s", step + 1,
-                            resume_path)
-                raise SystemExit(128 + stop_signal[0])
-    train_seconds = seconds_before + time.time() - t_train
-    writer.close()
+    # Gradients are averaged across ranks in backward; BatchNorm layers of the heads see the rank's crops only.
+    net = ctx.wrap(model)
+    params = [p for g in groups for p in g["params"]]
+    writer = ctx.writer()
+    loop = TrainLoop(ctx, total, "seg train", writer, items_per_step=global_batch,
+                     log_every=int(t_cfg.get("log_every", 20)), val_every=max(1, int(t_cfg.get("val_every", 200))),
+                     save_every=int(t_cfg.get("checkpoint_every_steps") or 0),
+                     hint=f"lower optim.lr or use train.precision=fp32; {best_path} (if any) holds the best model")
 
+    def step(index: int) -> Dict[str, Any]:
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"] * float(schedule[index])  # a Python float: safe to torch.load
+        # Every rank draws and augments the whole global batch (the same random streams on all ranks) and trains
+        # on its slice, so the data of a step do not depend on the number of ranks.
+        images, labels = augment(*sampler.sample(global_batch))
+        images, labels = ctx.shard(images), ctx.shard(labels)
+        batch = model.data_preprocessor(_batch(images.to(device), labels.to(device)), training=True)
+        with autocast(device, amp_dtype):
+            losses = net(**batch, mode="loss")
+        loss, log_vars = model.parse_losses(losses)
+        if torch.isfinite(loss):  # a NaN loss is reported by the loop before anything is saved
+            backward_and_step(loss, optimizer, scaler, params, clip or None)
+        seen_loss.append(float(loss.item()))
+        return {**{k: float(v.detach() if torch.is_tensor(v) else v) for k, v in log_vars.items()},
+                "lr": lr * float(schedule[index])}
+
+    def validate(done: int) -> None:
+        nonlocal best
+        if val_images:
+            val = _pooled_validation(model, val_images, 0.5 if test_threshold is None else test_threshold, ctx,
+                                     amp_dtype)
+            for key in METRIC_NAMES:
+                if not math.isnan(val[key]):
+                    writer.add_scalar(f"val/{key}", val[key], done)
+            value = val[select]
+            log.info("step %d validation: dice %.4f auc %.4f%s", done, val["dice"], val["auc"],
+                     " (best)" if value > best["value"] else "")
+        else:
+            val, value = {}, float(done)  # nothing to validate on: keep the last model
+        if best["step"] is None or value > best["value"]:
+            best = {"step": done, "value": value, "val": val}
+            if ctx.is_main:
+                _save_best(best_path, model, cfg, done, val)
+        threads.recheck()
+
+    def save(done: int) -> None:
+        if ctx.is_main:
+            _save_resume_state(resume_path, model, optimizer, scaler, sampler, cfg, done, best, seen_loss,
+                               seconds_before + time.perf_counter() - t_loop)
+
+    t_loop = time.perf_counter()
+    try:
+        loop.run(step, validate, save, start)
+    finally:
+        writer.close()
+    train_seconds = seconds_before + loop.seconds
+    ctx.barrier()  # best.pth is complete before any rank goes on
+
+    result = None
+    if ctx.is_main:  # the test evaluation writes overlays and metrics: rank 0 alone
+        result = _test(cfg, output, splits, val_samples, val_images, best, best_path, select, test_threshold,
+                       amp_dtype, device, info, {"steps": total, "seconds": round(train_seconds, 1),
+                                                  "batch_size": global_batch, "crop_size": int(data["crop_size"]),
+                                                  "final_loss": seen_loss[-1] if seen_loss else None,
+                                                  "precision": str(amp_dtype or "fp32"), "device": str(device),
+                                                  "processes": ctx.world_size})
+    return ctx.broadcast(result)
+
+
+def _test(cfg: Dict[str, Any], output: Path, splits: SegSplits, val_samples: Sequence[SegSample],
+          val_images: Sequence[LoadedImage], best: Dict[str, Any], best_path: Path, select: str,
+          test_threshold: Optional[float], amp_dtype: Optional[torch.dtype], device: torch.device, info: Any,
+          train_record: Dict[str, Any]) -> Dict[str, Any]:
+    """The best checkpoint on the test split: threshold (from the config, or chosen on validation), metrics,
+    overlays, ``metrics.json`` and ``metrics.csv``."""
     log.info("best validation %s %.4f at step %s; evaluating %s on %d test images", select, best["value"],
              best["step"], best_path, len(splits.test))
     model, _ = load_checkpoint(best_path, cfg, device)
@@ -523,10 +544,7 @@ def _train(cfg: Dict[str, Any], output: Path, data_root: "str | Path", device: t
         "resolution": "original", "checkpoint": str(best_path), "best_step": best["step"],
         "validation": {"images": [s.name for s in val_samples], "selected_on": select, **best["val"]},
         "threshold_source": threshold_source, "pooled_at_0.5": metrics.pooled_at(0.5),
-        "encoder": encoder_record(info), "notes": splits.notes,
-        "train": {"steps": total, "seconds": round(train_seconds, 1), "batch_size": batch_size,
-                  "crop_size": int(data["crop_size"]), "final_loss": seen_loss[-1] if seen_loss else None,
-                  "precision": str(amp_dtype or "fp32"), "device": str(device)},
+        "encoder": encoder_record(info), "notes": splits.notes, "train": train_record,
         "eval_seconds": round(time.time() - t_eval, 1),
     }
     result = write_metrics(output, metrics.summary(), extra)
@@ -534,7 +552,6 @@ def _train(cfg: Dict[str, Any], output: Path, data_root: "str | Path", device: t
     log.info("test (%d images, pooled): dice %.4f iou %.4f auc %.4f sens %.4f spec %.4f acc %.4f", len(splits.test),
              *(pooled[k] for k in ("dice", "iou", "auc", "sensitivity", "specificity", "accuracy")))
     return result
-
 
 # ------------------------------------------------------------------------------------------ eval / predict
 

@@ -115,7 +115,11 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {err}{hint}", file=sys.stderr)
         return 1
     summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    from ...engine.distributed import is_main_process  # noqa: PLC0415
     from .evaluate import write_metrics  # noqa: PLC0415
+
+    if not is_main_process():  # under torchrun rank 0 writes and reports
+        return 0
 
     write_metrics(summary, args.output)
     print(json.dumps(summary))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import signal
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -31,12 +30,12 @@ from ...config import write_run_config
 from ...data.augment import ViewAugmentation
 from ...data.unlabeled import DataError
 from ...engine.checkpoint import atomic_save, safe_load
+from ...engine.loop import RunContext, TrainLoop, cosine_schedule
 from ...engine.precision import autocast, backward_and_step, resolve_precision
 from ...modalities import get_modality
 from ...models.clip import CLIPModel
 from ...models.text import TextEncoder
 from ...objectives.contrastive import CLIPLoss, cross_modal_loss
-from ...objectives.dino import cosine_schedule
 from ...weights.export import sha256_file, update_index
 from ...weights.loader import load_encoder
 from .data import CaptionedImage, load_pixels, load_source, stratified_limit
@@ -131,8 +130,9 @@ class CLIPTrainer:
         self.amp_dtype, use_scaler = resolve_precision(cfg["train"].get("precision", "auto"), self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self.seed = int(cfg["train"]["seed"])
+        # Under torchrun each rank embeds its share of every global batch; the losses see the gathered global batch.
+        self.ctx = RunContext.start(self.device, self.output)
         self._given_text = text_encoder
-        self._stop_signal: Optional[int] = None
         self._resumed = False
         self.towers: Dict[str, _Tower] = {}
         self.text_cache: Dict[str, Tensor] = {}
@@ -258,14 +258,22 @@ class CLIPTrainer:
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
         if any(len(t.records) < 2 for t in self.towers.values()):
             raise DataError("CLIP training needs at least 2 training images per modality")
-        self.batch_size = min(int(optim["batch_size"]), min(len(t.records) for t in self.towers.values()))
-        if self.batch_size < int(optim["batch_size"]):
-            log.warning("batch size lowered to %d (the smallest training set)", self.batch_size)
+        world = self.ctx.world_size
+        # The global batch: batch_size per rank, at most the smallest training set, cut into equal rank shares.
+        wanted = int(optim["batch_size"]) * world
+        self.batch_size = min(wanted, min(len(t.records) for t in self.towers.values()))
+        self.batch_size -= self.batch_size % world
+        if self.batch_size < max(2, world):
+            raise DataError(f"CLIP training needs at least {max(2, world)} training images per modality for "
+                            f"{world} process(es)")
+        if self.batch_size < wanted:
+            log.warning("global batch lowered to %d (the smallest training set)", self.batch_size)
         self.steps_per_epoch = max(1, len(self.towers[self.modalities[0]].records) // self.batch_size)
         self.epochs = int(optim["epochs"])
         total = self.epochs * self.steps_per_epoch
         self.lr_schedule = cosine_schedule(lr, float(optim.get("min_lr", 0.0)), total,
-                                           int(optim.get("warmup_epochs", 0)) * self.steps_per_epoch)
+                                           int(optim.get("warmup_epochs", 0)) * self.steps_per_epoch,
+                                           warmup_start=0.0)
         max_steps = self.cfg["train"].get("max_steps")
         self.total_steps = min(total, int(max_steps)) if max_steps else total
 
@@ -329,7 +337,8 @@ class CLIPTrainer:
                 log.info("%s: reusing cached features from %s", tower.modality, path)
                 return stored["features"]
         features = self._cache_features(tower, tokens_from)
-        atomic_save({"key": key, "features": features}, path)
+        if self.ctx.is_main:  # every rank computed the same features; one writes them
+            atomic_save({"key": key, "features": features}, path)
         return features
 
     def _enumerable_captions(self, record: CaptionedImage, modality: str) -> List[str]:
@@ -401,19 +410,23 @@ class CLIPTrainer:
         return torch.stack([self.text_cache[c] for c in captions]).to(self.device)
 
     def _image_embeddings(self, tower: _Tower, idx: Tensor, generator: torch.Generator) -> Tensor:
-        """Joint-space embeddings of a batch of training images (a random cached view each, or a fresh augmentation).
-        Tuned encoder blocks run under the configured autocast; projections and losses stay in fp32."""
-        model = tower.model
+        """Joint-space embeddings of a global batch of training images (a random cached view each, or a fresh
+        augmentation), gathered from the ranks' shares with gradients. The random draws are made for the whole
+        global batch on every rank, so they do not depend on the number of processes. Tuned encoder blocks run under
+        the configured autocast; projections and losses stay in fp32."""
+        model, part = tower.model, self.ctx.part(len(idx))
         if tower.features is not None:
             view = torch.randint(0, tower.features.shape[0], (len(idx),), generator=generator)
-            return model.embed_image_features(tower.features[view, idx].to(self.device))
+            local = model.embed_image_features(tower.features[view[part], idx[part]].to(self.device))
+            return self.ctx.gather_with_grad(local.float())
         with autocast(self.device, self.amp_dtype):
             if tower.tokens is not None:
                 view = torch.randint(0, tower.tokens.shape[0], (len(idx),), generator=generator)
-                features = model.features_from_tokens(tower.tokens[view, idx].to(self.device), tower.tokens_from)
+                features = model.features_from_tokens(tower.tokens[view[part], idx[part]].to(self.device),
+                                                      tower.tokens_from)
             else:
-                features = model.image_features(self._views(tower, tower.pixels[idx], clean=False))
-        return model.embed_image_features(features.float())
+                features = model.image_features(self._views(tower, tower.pixels[idx], clean=False)[part])
+        return self.ctx.gather_with_grad(model.embed_image_features(features.float()).float())
 
     # ------------------------------------------------------------------------------------------ step
     def train_step(self, step: int) -> Dict[str, float]:
@@ -439,7 +452,8 @@ class CLIPTrainer:
                                                              float(cfg["text"].get("description_prob", 0.5)))
                         for r in records]
             image = self._image_embeddings(tower, idx, generator).float()
-            text = tower.model.embed_text_features(self._text_features(captions)).float()
+            local = tower.model.embed_text_features(self._text_features(captions[self.ctx.part(len(captions))]))
+            text = self.ctx.gather_with_grad(local.float())
             labels = torch.tensor([self.label_ids[r.label_key] for r in records], device=image.device)
             loss = self.loss_fn(image, text, scale, labels)
             stats[f"loss_text_{modality}"] = loss.item()
@@ -447,23 +461,26 @@ class CLIPTrainer:
         total = text_weight * torch.stack(text_losses).mean() if text_losses else torch.zeros((), device=self.device)
         if self.pairs is not None:
             a, b = self.modalities
-            pick = torch.tensor(_batch_indices(len(self.pairs), min(self.batch_size, len(self.pairs)), self.seed,
-                                               step, 9))
+            size = min(self.batch_size, len(self.pairs))
+            pick = torch.tensor(_batch_indices(len(self.pairs), size - size % self.ctx.world_size, self.seed, step, 9))
             pairs = self.pairs[pick]
             emb_a = self._image_embeddings(self.towers[a], pairs[:, 0], generator).float()
             emb_b = self._image_embeddings(self.towers[b], pairs[:, 1], generator).float()
             cross = cross_modal_loss(emb_a, emb_b, scale, pairs[:, 2].to(emb_a.device))
             stats["loss_cross"] = cross.item()
             total = total + float(cfg["loss"].get("cross_weight", 1.0)) * cross
-        if not torch.isfinite(total):
-            raise NonFiniteLossError(f"loss is {float(total)} at step {step}; the last good checkpoint is kept at "
-                                     f"{self.output / CHECKPOINT_NAME}. Try a lower --lr or --set train.precision=fp32")
+        stats.update(loss=total.item(), lr=lr)
+        if not torch.isfinite(total):  # the loop stops every rank with NonFiniteLossError before anything is saved
+            return stats
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = backward_and_step(total, self.optimizer, self.scaler, params, self.cfg["optim"].get("clip_grad"))
+        # Every rank's loss is the global batch's; the gathered embeddings carry the other ranks' gradients back
+        # summed, and averaging over the ranks leaves exactly the one-process gradient.
+        grad_norm = backward_and_step(total, self.optimizer, self.scaler, params, self.cfg["optim"].get("clip_grad"),
+                                      after_backward=lambda: self.ctx.average_gradients(params))
         if grad_norm is not None:
             stats["grad_norm"] = grad_norm
         first.clamp_logit_scale_()
-        stats.update(loss=total.item(), lr=lr, logit_scale=first.logit_scale_value.item())
+        stats["logit_scale"] = first.logit_scale_value.item()
         return stats
 
     # ------------------------------------------------------------------------------------------ state
@@ -475,6 +492,8 @@ class CLIPTrainer:
         return state
 
     def save_checkpoint(self, step: int) -> None:
+        if not self.ctx.is_main:
+            return
         atomic_save({"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                      "global_step": step, "config": self.cfg,
@@ -530,64 +549,50 @@ class CLIPTrainer:
         return out
 
     # ------------------------------------------------------------------------------------------ loop
-    def _on_signal(self, signum, _frame) -> None:
-        self._stop_signal = signum
-        log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
-
     def train(self) -> Dict[str, Any]:
-        """Run (or resume) the alignment, export the CLIP weights and return a summary (also in metrics.json)."""
-        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
-
-        self.output.mkdir(parents=True, exist_ok=True)
+        """Run (or resume) the alignment on :class:`~visionfm.engine.loop.TrainLoop`, export the CLIP weights and
+        return a summary (also in metrics.json)."""
         if not self.towers:
             self.build()
         step = self._maybe_resume()
-        write_run_config(self.cfg, self.output)
+        if self.ctx.is_main:
+            write_run_config(self.cfg, self.output)
         if any(t.pixels is None for t in self.towers.values()):
             self.prepare_images()
-        writer = SummaryWriter(str(self.output / "tensorboard"))
+        writer = self.ctx.writer()
         every_eval = int(self.cfg["train"].get("eval_every_epochs") or 0) * self.steps_per_epoch
         every_ckpt = int(self.cfg["train"].get("checkpoint_every_epochs") or 1) * self.steps_per_epoch
-        old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        start, t0, stats = step, time.perf_counter(), {}
-        log.info("training %s for %d steps (%d per epoch, batch %d) on %s", "+".join(self.modalities), self.total_steps,
-                 self.steps_per_epoch, self.batch_size, self.device)
+        start, t0, val = step, time.perf_counter(), {}
+        log.info("training %s for %d steps (%d per epoch, global batch %d over %d process(es)) on %s",
+                 "+".join(self.modalities), self.total_steps, self.steps_per_epoch, self.batch_size,
+                 self.ctx.world_size, self.device)
+        loop = TrainLoop(self.ctx, self.total_steps, "clip train", writer, items_per_step=self.batch_size,
+                         log_every=1, val_every=every_eval, save_every=every_ckpt,
+                         hint="try a lower --lr or --set train.precision=fp32")
+
+        def validate(done: int) -> None:
+            nonlocal val
+            val = self.validate()  # every rank scores the (small) validation split alike
+            for modality, m in val.items():
+                for key in ("auroc", "accuracy", "balanced_accuracy"):
+                    if m[key] is not None and not math.isnan(m[key]):
+                        writer.add_scalar(f"val_{modality}/{key}", m[key], done)
+
+        self.net.train()
         try:
-            self.net.train()
-            while step < self.total_steps:
-                stats = self.train_step(step)
-                step += 1
-                for key, value in stats.items():
-                    writer.add_scalar(f"train/{key}", value, step)
-                if step % self.steps_per_epoch == 0 or step == self.total_steps:
-                    log.info("step %d/%d loss %.4f logit scale %.1f", step, self.total_steps, stats["loss"],
-                             stats["logit_scale"])
-                if every_eval and step % every_eval == 0 and step < self.total_steps:
-                    for modality, m in self.validate().items():
-                        for key in ("auroc", "accuracy", "balanced_accuracy"):
-                            if m[key] is not None and not math.isnan(m[key]):
-                                writer.add_scalar(f"val_{modality}/{key}", m[key], step)
-                if self._stop_signal is not None or (step % every_ckpt == 0 and step < self.total_steps):
-                    self.save_checkpoint(step)
-                if self._stop_signal is not None:
-                    log.warning("stopped by signal at step %d; rerun the same command to resume", step)
-                    raise SystemExit(128 + self._stop_signal)
-            self.save_checkpoint(step)
+            if step < self.total_steps:
+                loop.run(self.train_step, validate, self.save_checkpoint, start=step)
+            else:
+                validate(step)
         finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-        val = self.validate()
-        for modality, m in val.items():
-            for key in ("auroc", "accuracy", "balanced_accuracy"):
-                if m[key] is not None and not math.isnan(m[key]):
-                    writer.add_scalar(f"val_{modality}/{key}", m[key], step)
-        writer.close()
+            writer.close()
+        step = self.total_steps if step < self.total_steps else step
         summary = {"global_step": step, "steps_this_run": step - start, "seconds_this_run": round(time.perf_counter() - t0, 2),
-                   "final_loss": stats.get("loss"), "logit_scale": self.towers[self.modalities[0]].model.logit_scale_value.item(),
+                   "final_loss": loop.last.get("loss"), "logit_scale": self.towers[self.modalities[0]].model.logit_scale_value.item(),
                    "train_images": {m: len(t.records) for m, t in self.towers.items()},
                    "cross_modal_pairs": int(len(self.pairs)) if self.pairs is not None else 0,
-                   "val_zero_shot": val}
-        summary["exported"] = [str(p) for p in self.export(step, val)]
+                   "val_zero_shot": val, "processes": self.ctx.world_size}
+        summary["exported"] = [str(p) for p in self.export(step, val)] if self.ctx.is_main else []
         return summary
 
     # ------------------------------------------------------------------------------------------ export
