@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..cli import output_folder, positive_int, resolve_device
-from ..modalities import MODALITIES
-from .embed_cli import add_input_arguments
+from ..cli import HelpFormatter, output_folder, positive_int, resolve_device
+from .embed_cli import add_encoder_arguments, add_input_arguments
 
 __all__ = ["build_parser", "main"]
 
@@ -23,10 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "class-token attention of every head (<name>_head<k>.png, and their mean <name>_attn_mean.png) "
                     "and the first three PCA components of the patch features as colours (<name>_pca.png), drawn "
                     "over the image at its own resolution, plus <name>_panel.png with all of them side by side.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--modality", default="cfp", help=f"imaging modality, one of {', '.join(MODALITIES)}")
-    parser.add_argument("--weights", default=None, metavar="PATH",
-                        help="encoder weights (default: weights/<modality>_<arch>.safetensors)")
+        formatter_class=HelpFormatter)
+    add_encoder_arguments(parser)
     parser.add_argument("--size", type=positive_int, default=None,
                         help="longer side of the image as the encoder sees it (aspect kept; more pixels give a finer "
                              "map). Default: twice the size the weights were trained at")

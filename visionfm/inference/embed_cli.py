@@ -9,10 +9,18 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..cli import output_folder, positive_int, resolve_device
+from ..cli import HelpFormatter, output_folder, positive_int, resolve_device
 from ..modalities import MODALITIES
 
-__all__ = ["build_parser", "add_input_arguments", "main"]
+__all__ = ["build_parser", "add_encoder_arguments", "add_input_arguments", "main"]
+
+
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--modality`` and ``--weights``: which encoder a command applies to new images."""
+    parser.add_argument("--modality", default="cfp", help=f"imaging modality, one of {', '.join(MODALITIES)}")
+    parser.add_argument("--weights", default=None, metavar="PATH",
+                        help="encoder weights (default: weights/<modality>_<arch>.safetensors)")
+    return parser
 
 
 def add_input_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -37,10 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "embeddings_pca.png, a 2-D PCA scatter coloured by the CSV's label column when it has one. "
                     "Images are read as the encoder's training images were (channels, squaring, size, "
                     "normalisation); large ones are decoded at a reduced scale where possible and resized.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--modality", default="cfp", help=f"imaging modality, one of {', '.join(MODALITIES)}")
-    parser.add_argument("--weights", default=None, metavar="PATH",
-                        help="encoder weights (default: weights/<modality>_<arch>.safetensors)")
+        formatter_class=HelpFormatter)
+    add_encoder_arguments(parser)
     parser.add_argument("--pool", choices=["cls", "mean", "cls+mean"], default="cls",
                         help="class token, mean of the patch tokens, or both concatenated")
     parser.add_argument("--img-size", type=positive_int, default=None,

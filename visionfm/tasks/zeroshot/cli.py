@@ -213,8 +213,7 @@ def _run_eval(args: argparse.Namespace, retrieval: bool) -> int:
     from ...models.text import TextEncoderNotFoundError  # noqa: PLC0415
     from ...weights.loader import WeightsNotFoundError  # noqa: PLC0415
     from .data import load_pixels  # noqa: PLC0415
-    from .evaluate import (cross_modal_retrieval, evaluation_records, image_text_retrieval,  # noqa: PLC0415
-                           write_metrics, zero_shot_metrics)
+    from .evaluate import cross_modal_retrieval, image_text_retrieval, write_metrics, zero_shot_metrics  # noqa: PLC0415
     from ...data.knowledge import KnowledgeError  # noqa: PLC0415
 
     t0 = time.perf_counter()
