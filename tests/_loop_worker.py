@@ -12,6 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from visionfm.engine.distributed import barrier, cleanup  # noqa: E402
 from visionfm.engine.loop import RunContext  # noqa: E402
 from visionfm.engine.precision import backward_and_step  # noqa: E402
 from visionfm.objectives.contrastive import label_aware_loss  # noqa: E402
@@ -69,6 +70,8 @@ def main(mode: str, out: str, batch: int) -> None:
     weights = run_finetune(out_path, batch) if mode == "finetune" else run_clip(out_path, batch)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(weights, out_path / "weights.pt")
+    barrier()
+    cleanup()  # a gloo group left alive at exit can abort a rank while its threads are torn down
 
 
 if __name__ == "__main__":

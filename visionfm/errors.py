@@ -50,6 +50,19 @@ def _user_error(err: BaseException) -> bool:
     return type(err).__name__ == "SafetensorError"
 
 
+def _close_process_group(wait: bool) -> None:
+    """Destroy a ``torchrun`` process group before the interpreter exits: a gloo group left alive at exit can abort
+    a rank in its threads' destructors ("terminate called without an active exception"). ``wait``: meet the
+    other ranks first (only where every rank finished the command). Looked up in ``sys.modules`` so that this
+    module never imports torch itself."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def run_cli(main: Callable[[Optional[List[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
     """Run a command's ``main(argv)`` inside the error boundary; returns the exit status.
 
@@ -59,7 +72,9 @@ def run_cli(main: Callable[[Optional[List[str]]], int], argv: Optional[Sequence[
     debug = "--debug" in args or os.environ.get("VISIONFM_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
     try:
-        return int(main(args) or 0)
+        status = int(main(args) or 0)
+        _close_process_group(wait=True)
+        return status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
