@@ -171,6 +171,31 @@ def test_layer_decay_groups(encoder_file):
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
 
 
+def test_layer_decay_means_what_it_means_in_classification(encoder_file):
+    """``layer_decay`` (timm's ``param_groups_layer_decay`` in both tasks): every encoder parameter gets the lr scale
+    and weight decay that classification fine-tuning gives it; the neck and heads learn at the full rate, as the
+    classifier's head does; frozen encoders leave only those."""
+    from visionfm.tasks.classification.finetune import EncoderClassifier, finetune_param_groups
+
+    model, _ = build_segmentor(_cfg(encoder_file[0], freeze_encoder=False))
+    enc = model.backbone.encoder
+    ours = {id(p): (g["lr_scale"], g["weight_decay"], g["lr"]) for g in param_groups(model, 2.0, 0.05, 0.6)
+            for p in g["params"]}
+    theirs = {id(p): (g["lr_scale"], g["weight_decay"]) for g in
+              finetune_param_groups(EncoderClassifier(enc, torch.nn.Linear(enc.embed_dim, 2)), 0.05, 0.6)
+              for p in g["params"]}
+    for name, p in enc.named_parameters():
+        assert ours[id(p)][:2] == theirs[id(p)], name
+        assert ours[id(p)][2] == 2.0 * ours[id(p)][0]
+    others = [p for n, p in model.named_parameters() if not n.startswith("backbone.encoder.")]
+    assert others and all(ours[id(p)][0] == 1.0 for p in others)
+    assert len({s for s, _, _ in ours.values()}) == len(enc.blocks) + 2
+    frozen, _ = build_segmentor(_cfg(encoder_file[0], freeze_encoder=True))
+    groups = param_groups(frozen, 1.0, 0.05, 0.6)
+    assert {g["lr_scale"] for g in groups} == {1.0}
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in frozen.parameters())
+
+
 def test_lr_schedule():
     m = lr_multipliers(10, 2, 0.1)
     assert m[0] == pytest.approx(0.5) and m[1] == pytest.approx(1.0) and m[-1] > 0.1 and np.all(np.diff(m[1:]) <= 0)

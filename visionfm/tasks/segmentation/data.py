@@ -1,12 +1,16 @@
-"""Segmentation data for training and evaluation: dataset lookup by name, images held in memory at the model's
-working resolution, random training crops (patch-based training), and batched augmentation with kornia."""
+"""Segmentation data for training and evaluation: dataset lookup by name, images decoded (in DataLoader workers on a
+GPU) and held at the model's working resolution (under ``torchrun``: decoded once per node, each rank its share,
+and mapped by all from shared files), random training crops (patch-based training), and batched augmentation with
+kornia on the training device."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,7 +28,8 @@ from ...data.datasets.stare import load_stare
 from ...data.io import read_image
 
 __all__ = ["DATASETS", "load_dataset", "split_validation", "LoadedImage", "working_size", "load_image",
-           "load_truth", "resize_array", "equalize_contrast", "model_input", "CropSampler", "SegAugmentation"]
+           "load_truth", "resize_array", "equalize_contrast", "model_input", "decode_loader", "decode_images",
+           "SharedImages", "CropSampler", "SegAugmentation"]
 
 #: Dataset names (case-insensitive) -> reader ``(data_root, target, include_absent) -> SegSplits``.
 DATASETS: Dict[str, Callable[..., SegSplits]] = {
@@ -182,6 +187,89 @@ def load_image(sample: SegSample, channels: int, data_cfg: Dict, estimate_fov: b
                        model_input(fov, data_cfg, mask=True), tuple(image.shape[:2]))
 
 
+class _Decoded(torch.utils.data.Dataset):
+    """Samples decoded by :func:`load_image` (in DataLoader workers, or in the main process)."""
+
+    def __init__(self, samples: Sequence[SegSample], channels: int, data_cfg: Dict, estimate_fov: bool):
+        self.samples, self.channels, self.data_cfg, self.estimate_fov = list(samples), channels, data_cfg, estimate_fov
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> LoadedImage:
+        return load_image(self.samples[index], self.channels, self.data_cfg, self.estimate_fov)
+
+
+def _as_is(item: LoadedImage) -> LoadedImage:
+    return item
+
+
+def decode_loader(samples: Sequence[SegSample], channels: int, data_cfg: Dict, estimate_fov: bool,
+                  settings: Dict[str, Any]) -> "torch.utils.data.DataLoader":
+    """A DataLoader that yields the :class:`LoadedImage` of each sample in order, decoded (read, resized, contrast
+    equalised) in its worker processes: ``settings`` are :func:`visionfm.engine.loading.loader_settings` (workers
+    and pinned memory on a GPU, the main process on the CPU). It leaves the global torch generator untouched."""
+    # Its own generator: a DataLoader draws its workers' base seed when iterated, which from the global generator
+    # would shift the crops' augmentation and drop path of the whole run (decoding draws nothing random).
+    return torch.utils.data.DataLoader(_Decoded(samples, channels, data_cfg, estimate_fov), batch_size=None,
+                                       shuffle=False, collate_fn=_as_is, generator=torch.Generator().manual_seed(0),
+                                       **settings)
+
+
+def decode_images(samples: Sequence[SegSample], channels: int, data_cfg: Dict, estimate_fov: bool,
+                  settings: Optional[Dict[str, Any]] = None) -> List[LoadedImage]:
+    """Every sample's :class:`LoadedImage`, in order (:func:`decode_loader`; ``settings=None``: the main process)."""
+    if not samples:
+        return []
+    return list(decode_loader(samples, channels, data_cfg, estimate_fov, settings or {"num_workers": 0}))
+
+
+class SharedImages:
+    """Decoded training images in ``.npy`` files of one folder on a node, mapped read-only by every rank there
+    (``np.load(mmap_mode="r")``): the node's page cache holds one copy, however many ranks train on it.
+
+    Under ``torchrun`` each rank of a node decodes and writes its share of the images (:meth:`write`); after a
+    barrier every rank maps them all (:meth:`read`); after another the folder can be removed (the mappings stay
+    valid until the processes end). Files are written atomically; ``<index>.json`` (the original size) is written
+    last and marks an image complete.
+    """
+
+    def __init__(self, folder: "str | Path"):
+        self.folder = Path(folder)
+
+    def _path(self, index: int, what: str) -> Path:
+        return self.folder / f"{index}.{what}"
+
+    def write(self, index: int, image: LoadedImage) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        suffix = f".{os.getpid()}.tmp"  # two nodes sharing one temporary folder write the same image alike
+        for what in ("image", "mask", "fov"):
+            final = self._path(index, f"{what}.npy")
+            with open(final.with_name(final.name + suffix), "wb") as fh:
+                np.save(fh, np.ascontiguousarray(getattr(image, what)))
+            os.replace(final.with_name(final.name + suffix), final)
+        meta = self._path(index, "json")
+        meta.with_name(meta.name + suffix).write_text(json.dumps({"original_size": list(image.original_size)}))
+        os.replace(meta.with_name(meta.name + suffix), meta)
+
+    def indices(self) -> List[int]:
+        """The complete images in the folder."""
+        return sorted(int(p.name.split(".")[0]) for p in self.folder.glob("*.json"))
+
+    def read(self, samples: Sequence[SegSample]) -> List[LoadedImage]:
+        """Every image of ``samples`` (index ``i`` is ``samples[i]``), mapped read-only."""
+        missing = [i for i in range(len(samples)) if not self._path(i, "json").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.folder}: decoded images {missing} missing (a rank did not write its "
+                                    "share)")
+        out = []
+        for i, sample in enumerate(samples):
+            meta = json.loads(self._path(i, "json").read_text())
+            arrays = [np.load(self._path(i, f"{what}.npy"), mmap_mode="r") for what in ("image", "mask", "fov")]
+            out.append(LoadedImage(sample, *arrays, tuple(meta["original_size"])))
+        return out
+
+
 class CropSampler:
     """Random square crops from images held in memory (patch-based training).
 
@@ -205,7 +293,8 @@ class CropSampler:
         self.rng = np.random.default_rng(seed)
         self._fg = [np.flatnonzero(im.mask) if positive_fraction > 0 else None for im in self.images]
 
-    def _crop_at(self, im: LoadedImage, h: int, w: int, c: int, centre: Optional[Tuple[int, int]] = None):
+    def _crop_at(self, im: LoadedImage, h: int, w: int, c: int, centre: Optional[Tuple[int, int]] = None,
+                 cut: bool = True):
         if centre is None:
             y0 = int(self.rng.integers(0, max(h - c, 0) + 1))
             x0 = int(self.rng.integers(0, max(w - c, 0) + 1))
@@ -213,6 +302,8 @@ class CropSampler:
             jitter = self.rng.integers(-c // 4, c // 4 + 1, size=2)
             y0 = int(np.clip(centre[0] + jitter[0] - c // 2, 0, max(h - c, 0)))
             x0 = int(np.clip(centre[1] + jitter[1] - c // 2, 0, max(w - c, 0)))
+        if not cut:  # another rank's crop: drawn, not cut
+            return None, None
         image = np.zeros((c, c, 3), np.uint8)
         label = np.full((c, c), self.ignore_index, np.uint8)
         patch = im.image[y0:y0 + c, x0:x0 + c]
@@ -220,10 +311,15 @@ class CropSampler:
         label[:patch.shape[0], :patch.shape[1]] = im.mask[y0:y0 + c, x0:x0 + c]
         return image, label
 
-    def sample(self, batch_size: int) -> Tuple[Tensor, Tensor]:
-        """``(images uint8 (B, 3, c, c), labels int64 (B, 1, c, c))``; labels 0/1, padding ``ignore_index``."""
+    def sample(self, batch_size: int, part: Optional[slice] = None) -> Tuple[Tensor, Tensor]:
+        """``(images uint8 (B, 3, c, c), labels int64 (B, 1, c, c))``; labels 0/1, padding ``ignore_index``.
+
+        With ``part`` (a rank's slice of a global batch of ``batch_size``, :meth:`RunContext.part`): every crop of
+        the global batch is drawn (the generator advances as in one process) and only those of ``part`` are cut
+        and returned."""
+        wanted = range(batch_size)[part] if part is not None else range(batch_size)
         images, labels = [], []
-        for _ in range(batch_size):
+        for j in range(batch_size):
             i = int(self.rng.integers(len(self.images)))
             im = self.images[i]
             h, w = im.mask.shape
@@ -232,16 +328,24 @@ class CropSampler:
             if fg is not None and fg.size and self.rng.random() < self.positive_fraction:
                 flat = int(fg[self.rng.integers(fg.size)])
                 centre = (flat // w, flat % w)
-            image, label = self._crop_at(im, h, w, self.crop, centre)
-            images.append(image)
-            labels.append(label)
-        images_t = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-        labels_t = torch.from_numpy(np.stack(labels)).long()[:, None]
-        return images_t, labels_t
+            image, label = self._crop_at(im, h, w, self.crop, centre, cut=j in wanted)
+            if j in wanted:
+                images.append(image)
+                labels.append(label)
+        c = self.crop
+        images_t = torch.from_numpy(np.stack(images) if images else np.zeros((0, c, c, 3), np.uint8))
+        labels_t = torch.from_numpy(np.stack(labels) if labels else np.zeros((0, c, c), np.uint8))
+        return images_t.permute(0, 3, 1, 2).contiguous(), labels_t.long()[:, None]
 
 
 class SegAugmentation:
-    """Batched augmentation of crops and labels (geometry shared, photometry on the image only), with kornia.
+    """Batched augmentation of crops and labels (geometry shared, photometry on the image only), with kornia, on
+    whatever device the crops are on (the training device: call it after moving the batch there).
+
+    The random draws stay on the CPU generator (a few numbers per crop: flips, quarter turns, kornia's rotation
+    and jitter parameters), so a run draws the same augmentations on the CPU and on a GPU and its resume state
+    needs the CPU generator only; the pixel work (conversion, flips, rotation, colour jitter) runs where the crops
+    are, once per batch.
 
     Args:
         hflip, vflip: Random flips.
@@ -251,6 +355,9 @@ class SegAugmentation:
         colour_jitter: Brightness/contrast/saturation jitter strength (0 disables).
         hue: Hue jitter.
     """
+
+    #: kornia parameters that describe the whole batch rather than one crop each (not cut to a rank's part).
+    _BATCH_KEYS = ("order", "forward_input_shape")
 
     def __init__(self, hflip: bool = True, vflip: bool = True, rot90: bool = True, rotate_degrees: float = 0.0,
                  colour_jitter: float = 0.2, hue: float = 0.0, ignore_index: int = 255):
@@ -263,29 +370,63 @@ class SegAugmentation:
         self.jitter = (K.ColorJitter(colour_jitter, colour_jitter, colour_jitter, hue, p=0.8)
                        if colour_jitter or hue else None)
 
-    def __call__(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
-        """``images`` uint8 ``(B, 3, H, W)``, ``labels`` int64 ``(B, 1, H, W)`` -> float images in [0, 255]
-        and labels."""
+    @classmethod
+    def _cut(cls, params: Dict, part: slice, shape: Tuple[int, ...], device: torch.device) -> Dict:
+        """kornia parameters drawn for a global batch, cut to the crops of ``part``, per-crop values moved to
+        ``device``."""
+        out = {}
+        for key, value in params.items():
+            if key == "forward_input_shape":
+                out[key] = torch.tensor(shape, dtype=value.dtype)
+            elif torch.is_tensor(value) and key not in cls._BATCH_KEYS:
+                out[key] = value[part].to(device)
+            else:
+                out[key] = value
+        return out
+
+    def __call__(self, images: Tensor, labels: Tensor, part: Optional[slice] = None,
+                 batch_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """``images`` uint8 ``(b, 3, H, W)``, ``labels`` int64 ``(b, 1, H, W)`` -> float images in [0, 255]
+        and labels, on the device of ``images``.
+
+        With ``part`` and ``batch_size``: the crops are a rank's ``part`` of a global batch of ``batch_size``; the
+        random draws are those of the whole global batch (in the order one process draws them), applied to the
+        crops of ``part``, so that the augmentation of a crop does not depend on the number of ranks."""
+        b = images.shape[0]
+        total = b if batch_size is None else int(batch_size)
+        part = slice(0, total) if part is None else part
+        own = range(total)[part]
+        if len(own) != b:
+            raise ValueError(f"augmentation: {b} crops for part {part} of a batch of {total}")
+        # Per crop, in order: horizontal flip, vertical flip, quarter turns (the draws of every crop of the batch).
+        plans: Dict[Tuple[Tuple[int, ...], int], List[int]] = {}
+        for j in range(total):
+            dims = []
+            if self.hflip and torch.rand(()) < 0.5:
+                dims.append(-1)
+            if self.vflip and torch.rand(()) < 0.5:
+                dims.append(-2)
+            k = int(torch.randint(0, 4, ())) if self.rot90 else 0
+            if j in own and (dims or k):
+                plans.setdefault((tuple(dims), k), []).append(j - own.start)
         x = images.float() / 255.0
         y = labels.clone()
-        b = x.shape[0]
-        for i in range(b):
-            dims_flip = []
-            if self.hflip and torch.rand(()) < 0.5:
-                dims_flip.append(-1)
-            if self.vflip and torch.rand(()) < 0.5:
-                dims_flip.append(-2)
-            if dims_flip:
-                x[i], y[i] = x[i].flip(dims_flip), y[i].flip(dims_flip)
-            if self.rot90:
-                k = int(torch.randint(0, 4, ()))
-                if k:
-                    x[i], y[i] = torch.rot90(x[i], k, (-2, -1)), torch.rot90(y[i], k, (-2, -1))
+        for (dims, k), rows in plans.items():  # flips and turns are exact permutations: one call per kind
+            xs, ys = x[rows], y[rows]
+            if dims:
+                xs, ys = xs.flip(dims), ys.flip(dims)
+            if k:
+                xs, ys = torch.rot90(xs, k, (-2, -1)), torch.rot90(ys, k, (-2, -1))
+            x[rows], y[rows] = xs, ys
+        whole = (total, *x.shape[1:])
         if self.rotate is not None:
+            params = [type(item)(item.name, self._cut(item.data, part, tuple(x.shape), x.device))
+                      for item in self.rotate.forward_parameters(whole)]
             # Shift labels by one so that 0 marks "outside the rotated crop" and becomes the ignore label.
-            x, y_shift = self.rotate(x, (y + 1).float())
+            x, y_shift = self.rotate(x, (y + 1).float(), params=params)
             y_shift = y_shift.round().long()
             y = torch.where(y_shift == 0, torch.full_like(y_shift, self.ignore_index), y_shift - 1)
         if self.jitter is not None:
-            x = self.jitter(x)
+            params = self._cut(self.jitter.forward_parameters(whole), part, tuple(x.shape), x.device)
+            x = self.jitter(x, params=params)
         return x.clamp(0, 1) * 255.0, y

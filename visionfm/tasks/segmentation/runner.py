@@ -15,7 +15,10 @@ import logging
 import math
 import os
 import random
+import shutil
+import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
+from timm.optim import param_groups_layer_decay
 from torch import nn
 
 from ...errors import NonFiniteLossError
@@ -31,12 +35,13 @@ from ...data.datasets.generic_seg import SegSample, SegSplits
 from ...data.inputs import check_min_side, collect_images, note_channels, warn_if_large
 from ...data.io import read_image
 from ...engine.checkpoint import atomic_save, restart_from_checkpoint, safe_load
+from ...engine.loading import loader_settings
 from ...engine.loop import RunContext, TrainLoop, cosine_schedule
 from ...engine.precision import autocast, backward_and_step, resolve_precision
 from ...engine.threads import ThreadChooser
 from ...modalities import get_modality
-from .data import (CropSampler, LoadedImage, SegAugmentation, load_dataset, load_image, load_truth, model_input,
-                   split_validation)
+from .data import (CropSampler, LoadedImage, SegAugmentation, SharedImages, decode_images, load_dataset, load_truth,
+                   model_input, split_validation)
 from .metrics import METRIC_NAMES, BinarySegMetrics
 from .model import build_segmentor, encoder_record
 from .overlay import save_mask, save_overlay
@@ -69,41 +74,92 @@ def prepare_splits(cfg: Dict[str, Any], data_root: "str | Path") -> Tuple[SegSpl
     return splits, train, val
 
 
-def _load_all(samples: Sequence[SegSample], cfg: Dict[str, Any], fov_from_image: bool) -> List[LoadedImage]:
-    channels = get_modality(cfg["modality"]).channels
-    return [load_image(s, channels, cfg["data"], fov_from_image) for s in samples]
+def _load_all(samples: Sequence[SegSample], cfg: Dict[str, Any], fov_from_image: bool,
+              settings: Optional[Dict[str, Any]] = None) -> List[LoadedImage]:
+    """``samples`` decoded as the model sees them; ``settings``: DataLoader keywords (decoding in worker
+    processes), ``None``: in this process."""
+    return decode_images(samples, get_modality(cfg["modality"]).channels, cfg["data"], fov_from_image, settings)
+
+
+def _node_part(ctx: RunContext, count: int) -> range:
+    """The images of ``count`` that this rank decodes for its node: its local rank's contiguous share."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)) or 1
+    local = ctx.dist.local_rank
+    return range(local * count // local_world, (local + 1) * count // local_world)
+
+
+def _decode_share(ctx: RunContext, samples: Sequence[SegSample], cfg: Dict[str, Any], fov_from_image: bool,
+                  store: SharedImages, settings: Optional[Dict[str, Any]] = None) -> List[int]:
+    """Decode this rank's share of ``samples`` (:func:`_node_part`) into ``store``; returns the indices written."""
+    own = list(_node_part(ctx, len(samples)))
+    for index, image in zip(own, _load_all([samples[i] for i in own], cfg, fov_from_image, settings)):
+        store.write(index, image)
+    return own
+
+
+def _training_images(ctx: RunContext, samples: Sequence[SegSample], cfg: Dict[str, Any], fov_from_image: bool,
+                     settings: Optional[Dict[str, Any]] = None) -> List[LoadedImage]:
+    """The training images every rank crops from. One process: decoded in memory. Under ``torchrun``: each rank
+    decodes its share into a node-local folder (:class:`SharedImages`) and maps all of them read-only, so a node
+    holds one decoded copy (in its page cache) instead of one per rank, and every rank can still cut any crop of
+    the global batch (the crops of a step do not depend on the number of ranks)."""
+    if ctx.world_size == 1:
+        return _load_all(samples, cfg, fov_from_image, settings)
+    token = ctx.broadcast(uuid.uuid4().hex if ctx.is_main else None)
+    store = SharedImages(Path(tempfile.gettempdir()) / f"visionfm-seg-{token}")
+    try:
+        _decode_share(ctx, samples, cfg, fov_from_image, store, settings)
+        ctx.barrier()
+        images = store.read(samples)
+        ctx.barrier()  # every rank has mapped the files: the folder can go (the mappings stay)
+    finally:
+        if ctx.dist.local_rank == 0:
+            shutil.rmtree(store.folder, ignore_errors=True)
+    return images
 
 
 # ------------------------------------------------------------------------------------------------ optimiser
 
+#: Encoder parameters of the bottom layer (0) in layer-wise lr decay: the embeddings and tokens.
+_STEM = r"^backbone\.encoder\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)"
+
+
+class _LayerDecayView:
+    """A segmentor seen by timm's ``param_groups_layer_decay``: its parameters, and a ``group_matcher`` that
+    counts layers as classification fine-tuning does (:meth:`EncoderClassifier.group_matcher`): the embeddings are
+    layer 0, encoder block ``i`` is layer ``i + 1``, and everything else (the encoder's final norm, the neck and the
+    heads) is the top layer ``depth + 1`` at the full rate. (mmseg's ``EncoderDecoder`` has no ``group_matcher``,
+    and timm would otherwise put unmatched parameters one layer above the top.)"""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def named_parameters(self, *args: Any, **kwargs: Any):
+        return self.model.named_parameters(*args, **kwargs)
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        top = (len(self.model.backbone.encoder.blocks),)
+        return {"stem": _STEM, "blocks": [(r"^backbone\.encoder\.blocks\.(\d+)\.", None), (r"^", top)]}
+
+
 def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> List[Dict[str, Any]]:
-    """AdamW groups with layer-wise lr decay over the encoder (BEiT style) and no weight decay on biases,
-    norms and position/class tokens.
+    """AdamW groups with layer-wise lr decay over the encoder (BEiT style, timm's ``param_groups_layer_decay``, as
+    classification fine-tuning does: ``optim.layer_decay`` means the same in both tasks) and no weight decay on
+    1-D parameters (biases, norms) and the encoder's ``no_weight_decay()`` tokens (position embedding, class and
+    register tokens).
 
     Encoder block ``i`` of ``depth`` gets ``lr * layer_decay ** (depth - i)``; patch embedding and tokens get
-    ``lr * layer_decay ** (depth + 1)``; neck and heads get ``lr``.
+    ``lr * layer_decay ** (depth + 1)``; the encoder's final norm, neck and heads get ``lr``. Each group carries
+    its ``lr_scale`` and its starting ``lr``.
     """
-    depth = len(model.backbone.encoder.blocks)
-    groups: Dict[Tuple[float, float], Dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.startswith("backbone.encoder."):
-            sub = name[len("backbone.encoder."):]
-            if sub.startswith("blocks."):
-                layer = int(sub.split(".")[1]) + 1
-            elif sub.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed")):
-                layer = 0
-            else:  # final norm (unused by the dense features) and anything after the blocks
-                layer = depth + 1
-            scale = layer_decay ** (depth + 1 - layer)
-        else:
-            scale = 1.0
-        no_decay = param.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name
-        wd = 0.0 if no_decay else weight_decay
-        group = groups.setdefault((scale, wd), {"params": [], "lr_scale": scale, "weight_decay": wd, "lr": lr * scale})
-        group["params"].append(param)
-    return list(groups.values())
+    encoder = model.backbone.encoder
+    skip = [f"backbone.encoder.{name}" for name in (encoder.no_weight_decay()
+                                                    if hasattr(encoder, "no_weight_decay") else ())]
+    groups = param_groups_layer_decay(_LayerDecayView(model), weight_decay=weight_decay, no_weight_decay_list=skip,
+                                      layer_decay=layer_decay)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+    return groups
 
 
 def lr_multipliers(total: int, warmup: int, min_ratio: float) -> np.ndarray:
@@ -316,12 +372,16 @@ def _save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Opti
                        scaler: Optional["torch.amp.GradScaler"], sampler: CropSampler, cfg: Dict[str, Any], step: int,
                        best: Dict[str, Any], seen_loss: List[float], seconds: float) -> None:
     """Everything the loop needs to continue at ``step`` as if it had not stopped (atomic write)."""
+    device = next(model.parameters()).device
     atomic_save({"format": CHECKPOINT_FORMAT + "-train", "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "step": int(step),
                  "best": {"step": best["step"], "value": float(best["value"]), "val": _clean(best["val"])},
                  "loss_tail": [float(v) for v in seen_loss[-20:]], "sampler_rng": sampler.rng.bit_generator.state,
-                 "rng_torch": torch.get_rng_state(), "train_seconds": float(seconds), "config": cfg}, path)
+                 "rng_torch": torch.get_rng_state(),
+                 # drop path draws on the training device: a GPU's generator is part of the state too
+                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                 "train_seconds": float(seconds), "config": cfg}, path)
 
 
 def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Optional["torch.amp.GradScaler"],
@@ -339,6 +399,9 @@ def _resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scal
         scaler.load_state_dict(ckpt["scaler"])
     sampler.rng.bit_generator.state = ckpt["sampler_rng"]
     torch.set_rng_state(ckpt["rng_torch"])
+    device = next(model.parameters()).device
+    if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
     best = dict(ckpt["best"])
     log.info("resuming %s at step %d (best validation so far: step %s)", path, ckpt["step"], best["step"])
     return int(ckpt["step"]), best, list(ckpt["loss_tail"]), float(ckpt.get("train_seconds", 0.0))
@@ -383,8 +446,9 @@ def train(cfg: Dict[str, Any], output: "str | Path", data_root: "str | Path", de
 def _pooled_validation(model: nn.Module, images: Sequence[LoadedImage], threshold: float, ctx: RunContext,
                        amp_dtype: Optional[torch.dtype]) -> Dict[str, float]:
     """Pooled metrics of the validation images at the working resolution (cheap; for model selection): each rank
-    scores its share and the shares' histograms are pooled, so every rank gets the one-process numbers."""
-    metrics = _score_loaded(model, ctx.shard(list(images)), threshold, ctx.device, amp_dtype, bins=1 << 16)
+    scores its share ``images`` (``ctx.shard`` of the validation split, the only ones it decodes) and the shares'
+    histograms are pooled, so every rank gets the one-process numbers."""
+    metrics = _score_loaded(model, images, threshold, ctx.device, amp_dtype, bins=1 << 16)
     pooled = BinarySegMetrics(threshold, bins=1 << 16)
     for part in ctx.gather_objects(metrics):
         pooled.merge(part)
@@ -406,6 +470,9 @@ def _train(cfg: Dict[str, Any], ctx: RunContext, data_root: "str | Path", thread
              len(train_samples), len(val_samples), len(splits.test))
     if ctx.is_main:
         write_run_config(cfg, output)
+        for partial in output.glob(".partial-*.tmp"):  # a save cut short by a SIGKILL: never a complete file
+            partial.unlink()
+            log.info("removed %s, left by an interrupted save", partial)
 
     model, mm_cfg = build_segmentor(cfg)
     model.to(device)
@@ -416,10 +483,12 @@ def _train(cfg: Dict[str, Any], ctx: RunContext, data_root: "str | Path", thread
     scaler = torch.amp.GradScaler(device.type) if needs_scaler else None  # fp16 on GPUs without bf16
 
     t0 = time.time()
-    train_images = _load_all(train_samples, cfg, splits.fov_from_image)
-    val_images = _load_all(val_samples, cfg, splits.fov_from_image)
-    log.info("loaded %d images in %.1f s", len(train_images) + len(val_images), time.time() - t0)
     data = cfg["data"]
+    settings = loader_settings(data, device, ctx.world_size)
+    train_images = _training_images(ctx, train_samples, cfg, splits.fov_from_image, settings)
+    val_images = _load_all(ctx.shard(list(val_samples)), cfg, splits.fov_from_image, settings)  # this rank's share
+    log.info("loaded %d training and %d validation images in %.1f s (%d decoding workers)", len(train_images),
+             len(val_images), time.time() - t0, settings["num_workers"])
     sampler = CropSampler(train_images, int(data["crop_size"]), float(data.get("positive_fraction", 0.0)),
                           seed=int(t_cfg["seed"]))
     aug_cfg = cfg.get("augment", {})
@@ -464,11 +533,16 @@ def _train(cfg: Dict[str, Any], ctx: RunContext, data_root: "str | Path", thread
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"] * float(schedule[index])  # a Python float: safe to torch.load
-        # Every rank draws and augments the whole global batch (the same random streams on all ranks) and trains
-        # on its slice, so the data of a step do not depend on the number of ranks.
-        images, labels = augment(*sampler.sample(global_batch))
-        images, labels = ctx.shard(images), ctx.shard(labels)
-        batch = model.data_preprocessor(_batch(images.to(device), labels.to(device)), training=True)
+        # Every rank draws the crops and augmentations of the whole global batch (the same random streams on all
+        # ranks) and cuts and augments its slice only, so the data of a step do not depend on the number of ranks.
+        # The crops go to the device as uint8; conversion and augmentation run there, one batched call.
+        part = ctx.part(global_batch)
+        images, labels = sampler.sample(global_batch, part)
+        if device.type == "cuda":
+            images, labels = images.pin_memory(), labels.pin_memory()
+        images, labels = augment(images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                                 part=part, batch_size=global_batch)
+        batch = model.data_preprocessor(_batch(images, labels), training=True)
         with autocast(device, amp_dtype):
             losses = net(**batch, mode="loss")
         loss, log_vars = model.parse_losses(losses)
@@ -480,7 +554,7 @@ def _train(cfg: Dict[str, Any], ctx: RunContext, data_root: "str | Path", thread
 
     def validate(done: int) -> None:
         nonlocal best
-        if val_images:
+        if val_samples:  # every rank pools, whether or not its share of the split is empty
             val = _pooled_validation(model, val_images, 0.5 if test_threshold is None else test_threshold, ctx,
                                      amp_dtype)
             for key in METRIC_NAMES:
@@ -512,7 +586,9 @@ def _train(cfg: Dict[str, Any], ctx: RunContext, data_root: "str | Path", thread
 
     result = None
     if ctx.is_main:  # the test evaluation writes overlays and metrics: rank 0 alone
-        result = _test(cfg, output, splits, val_samples, val_images, best, best_path, select, test_threshold,
+        # under torchrun this rank holds only its share of the validation images: _test decodes them all if needed
+        all_val = val_images if ctx.world_size == 1 else None
+        result = _test(cfg, output, splits, val_samples, all_val, best, best_path, select, test_threshold,
                        amp_dtype, device, info, {"steps": total, "seconds": round(train_seconds, 1),
                                                   "batch_size": global_batch, "crop_size": int(data["crop_size"]),
                                                   "final_loss": seen_loss[-1] if seen_loss else None,
@@ -522,7 +598,7 @@ def _train(cfg: Dict[str, Any], ctx: RunContext, data_root: "str | Path", thread
 
 
 def _test(cfg: Dict[str, Any], output: Path, splits: SegSplits, val_samples: Sequence[SegSample],
-          val_images: Sequence[LoadedImage], best: Dict[str, Any], best_path: Path, select: str,
+          val_images: Optional[Sequence[LoadedImage]], best: Dict[str, Any], best_path: Path, select: str,
           test_threshold: Optional[float], amp_dtype: Optional[torch.dtype], device: torch.device, info: Any,
           train_record: Dict[str, Any]) -> Dict[str, Any]:
     """The best checkpoint on the test split: threshold (from the config, or chosen on validation), metrics,
@@ -533,6 +609,8 @@ def _test(cfg: Dict[str, Any], output: Path, splits: SegSplits, val_samples: Seq
     t_eval = time.time()
     threshold_source = "config"
     if test_threshold is None:
+        if val_images is None:
+            val_images = _load_all(val_samples, cfg, splits.fov_from_image)
         test_threshold, _ = choose_threshold(model, val_images, cfg, device, amp_dtype)
         _store_threshold(best_path, test_threshold)
         threshold_source = "validation (max pooled Dice)"
