@@ -90,3 +90,37 @@ def test_two_gloo_processes_train_as_one_with_the_doubled_batch(tmp_path, mode):
         events = list((tmp_path / "two" / "tensorboard").glob("events.*"))
         assert len(events) == 1 and (tmp_path / "two" / "state.pt").is_file()
         assert result.stderr.count("finetune: 100%") == 1
+
+
+def test_lazy_loop_reads_device_losses_only_at_logging_steps_saves_and_the_end(tmp_path):
+    """lazy=True (pretraining): tensors a step returns stay unread except at the steps whose loss the trainer read
+    (a float), before saves and after the last step; only those steps log the loss, every step logs its host
+    numbers (the learning rate, the throughput)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ctx = RunContext(torch.device("cpu"), output=tmp_path)
+    writer = ctx.writer()
+    saved = []
+
+    def step(index):
+        loss = torch.tensor(10.0 - index)
+        return {"loss": float(loss) if index == 1 else loss, "lr": 0.5}  # step 2 (index 1) is a logging step
+
+    loop = TrainLoop(ctx, total=6, desc="t", writer=writer, save_every=4, lazy=True, items="images")
+    assert loop.run(step, None, saved.append, start=0) == 6
+    writer.close()
+    assert saved == [4, 6] and loop.last == {"loss": 5.0, "lr": 0.5}
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]  # the logging step, the save, the end
+    assert [e.value for e in events.Scalars("train/loss")] == [9.0, 7.0, 5.0]
+    assert [e.step for e in events.Scalars("train/lr")] == [1, 2, 3, 4, 5, 6]  # host numbers: every step
+    assert [e.step for e in events.Scalars("train/images_per_s")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_time_budget_saves_and_ends_the_run_after_the_step_that_crosses_it():
+    ctx = RunContext(torch.device("cpu"))
+    saved = []
+    loop = TrainLoop(ctx, total=10, desc="t", save_every=0, max_seconds=1e-9)
+    assert loop.run(lambda i: {"loss": 1.0}, None, saved.append, start=3) == 4  # one step, then out of time
+    assert saved == [4]

@@ -264,18 +264,32 @@ def test_a_step_that_is_not_logged_reads_nothing_on_the_host(tmp_path, host_read
     assert isinstance(logged["loss"], float) and host_reads
 
 
-def test_a_nan_loss_between_logging_steps_is_caught_before_the_checkpoint(tmp_path):
-    from visionfm.engine.dino_trainer import DINOTrainer, NonFiniteLossError
+def test_the_pretraining_loop_reads_nothing_on_the_host_between_logging_steps(tmp_path, host_reads):
+    """Around the steps, TrainLoop(lazy=True) reads device values only at the steps it must (the trainer's
+    logging steps, saves, the end): a run of 8 steps makes as many reads in loop.py as a run of 3."""
+    from visionfm.engine.dino_trainer import DINOTrainer
 
-    trainer = DINOTrainer(tiny_pretrain_config(**{"train.log_every": 100}), tmp_path)
-    trainer._build_data()
-    trainer._build_model()
-    trainer._note_finite(torch.tensor(1.0))
-    trainer._note_finite(torch.tensor(float("nan")))
-    trainer._note_finite(torch.tensor(2.0))
-    with pytest.raises(NonFiniteLossError, match="between global steps 0 and 2"):
-        trainer.save_checkpoint(0, 3, 3)
-    assert not (tmp_path / "checkpoint.pt").exists()
+    counts = []
+    for steps in (3, 8):
+        host_reads.clear()
+        DINOTrainer(tiny_pretrain_config(**{"train.log_every": 100, "train.checkpoint_every_steps": 0,
+                                            "optim.epochs": 4, "train.max_steps": steps}), tmp_path / str(steps)).train()
+        counts.append(sum(path.endswith("loop.py") for _, path in host_reads))
+    assert counts[0] == counts[1] and counts[0] > 0, counts
+
+
+def test_a_nan_loss_between_logging_steps_is_caught_before_the_checkpoint(tmp_path):
+    """The pretraining loop (TrainLoop lazy=True) keeps the losses of steps that are not logged on the device and
+    checks them before a checkpoint: a NaN at step 2 of 3 stops the run before the save after step 3."""
+    from visionfm.engine.loop import RunContext, TrainLoop
+    from visionfm.errors import NonFiniteLossError
+
+    losses = [torch.tensor(1.0), torch.tensor(float("nan")), torch.tensor(2.0)]
+    saved = []
+    loop = TrainLoop(RunContext(torch.device("cpu")), total=3, desc="dino pretraining", save_every=3, lazy=True)
+    with pytest.raises(NonFiniteLossError, match="between steps 1 and 3"):
+        loop.run(lambda i: {"loss": losses[i]}, None, saved.append)
+    assert saved == []
 
 
 # ------------------------------------------------------------------------------------------- 11: loader defaults

@@ -1,10 +1,9 @@
-"""MAE pretraining on tiny models: the loss against the paper's formula, masks, learning, resume after SIGKILL,
-export through load_encoder, and the CLI's refusal of a bad mask ratio."""
+"""MAE pretraining on tiny models: the loss against the paper's formula, masks, learning, export through
+load_encoder, and the CLI's refusal of a bad mask ratio. (Resume after SIGKILL at a random step:
+tests/test_kill_resume.py.)"""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_and_sigkill_at_first_checkpoint
-from visionfm.engine.checkpoint import safe_load
+from conftest import ROOT
 from visionfm.engine.dino_trainer import export_only
 from visionfm.engine.mae_trainer import MAETrainer
 from visionfm.models.vit import create_encoder
@@ -153,24 +151,6 @@ def _cli(out: Path, *extra: str) -> list:
             "--set", "optim.warmup_epochs=2",
             "--set", "train.threads=1", "--set", "train.checkpoint_every_steps=3", "--device", "cpu", "--seed", "1",
             "--output", str(out), *extra]
-
-
-def test_sigkill_during_training_then_rerun_equals_uninterrupted(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ref = tmp_path / "ref"
-    subprocess.run(_cli(ref), check=True, env=env, capture_output=True)
-    total = safe_load(ref / "checkpoint.pt")["global_step"]
-    assert total == 16  # 4 epochs of 4 steps; the first checkpoint comes mid-epoch, after step 3
-    killed = tmp_path / "killed"
-    assert run_and_sigkill_at_first_checkpoint(_cli(killed), killed) == -signal.SIGKILL  # killed, not finished
-    at_kill = safe_load(killed / "checkpoint.pt")  # the checkpoint on disk is complete
-    assert 0 < at_kill["global_step"] < total
-    assert not (killed / "encoder.safetensors").exists()
-    subprocess.run(_cli(killed), check=True, env=env, capture_output=True)
-    a, b = load_file(ref / "encoder.safetensors"), load_file(killed / "encoder.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
-    ca, cb = safe_load(ref / "checkpoint.pt"), safe_load(killed / "checkpoint.pt")
-    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])  # decoder included
 
 
 def test_export_is_the_encoder_alone_and_loads_strictly(tmp_path):

@@ -1,12 +1,12 @@
-"""The DINO pretraining loop: data, multi-crop augmentation, student/teacher steps, schedules, logging,
-checkpoints (atomic, every epoch and on SIGTERM/SIGINT, automatic resume) and export."""
+"""DINO and iBOT pretraining: data, multi-crop augmentation, student/teacher steps, schedules, the resume state and
+export. The steps run on :class:`~visionfm.engine.loop.TrainLoop`, which owns the progress bar, TensorBoard, the
+NaN/inf guard, stop requests (SIGTERM/SIGINT, ``train.max_seconds``) and the atomic checkpoints every
+``train.checkpoint_every_steps`` steps, at the end and on a stop."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ..errors import NonFiniteLossError
 from ..config import check_resumable, write_run_config
@@ -28,8 +27,9 @@ from ..objectives.dino import DINOLoss, DINOModel, DINOSchedules, collapse_monit
 from ..objectives.ibot import IBOTLoss, IBOTModel, MaskConfig, sample_masks
 from ..weights.export import save_encoder, update_index
 from .checkpoint import atomic_save, restart_from_checkpoint, safe_load
-from .distributed import DistInfo, any_rank, barrier, init_distributed, load_on_every_rank
+from .distributed import DistInfo, init_distributed, load_on_every_rank
 from .loading import loader_settings
+from .loop import RunContext, TrainLoop
 from .precision import autocast, enable_tf32, resolve_precision
 from .threads import ThreadChooser, fastest_cpu_threads
 
@@ -205,12 +205,12 @@ class DINOTrainer:
         self.threads.apply()
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         enable_tf32(self.device)  # what autocast leaves in fp32 (the loss, the EMA, an fp32 run)
-        self._stop_signal: Optional[int] = None
-        # Whether every loss since the last check was finite, kept on the device so that a step needs no host
-        # synchronisation; read at logging steps, before every checkpoint and at the end (_check_finite).
-        self._finite: Optional[Tensor] = None
         self._side_stream: Optional["torch.cuda.Stream"] = None  # see on_side_stream
-        self._checked_step = 0
+        # The data position of the next step (train() sets it from the checkpoint; _run_step advances it).
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self._batches: Optional[Any] = None  # the current epoch's loader iterator
+        self._wait = {"steps": 0, "wait": 0.0, "busy": 0.0, "max_fraction": 0.0}
 
     # ----------------------------------------------------------------------------------------- setup
     def _check_objective(self, cfg: Dict[str, Any]) -> str:
@@ -319,12 +319,13 @@ class DINOTrainer:
         }
 
     def save_checkpoint(self, epoch: int, step_in_epoch: int, global_step: int) -> None:
-        self._check_finite(global_step)  # a checkpoint must never hold weights updated from a NaN loss
+        """Write the resume state atomically (rank 0). The loop calls it only after it found every loss since the
+        last save finite, so a checkpoint never holds weights updated from a NaN loss. No barrier: the other ranks
+        read nothing of it and meet rank 0 in the next step's gradient all-reduce."""
         if self.is_main:
             state = self.state_dict(epoch, step_in_epoch, global_step)
             state.update(world_size=self.dist.world_size, global_batch=self.global_batch)
             atomic_save(state, self.output / CHECKPOINT_NAME)
-        barrier()
 
     def _load_checkpoint(self) -> Optional[Dict[str, Any]]:
         """The run folder's checkpoint (``None`` when there is none), on every rank, also where only rank 0's disk
@@ -359,10 +360,6 @@ class DINOTrainer:
         return position
 
     # ----------------------------------------------------------------------------------------- loop
-    def _on_signal(self, signum, _frame) -> None:
-        self._stop_signal = signum
-        log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
-
     def train_step(self, images: torch.Tensor, global_step: int, epoch: int) -> Dict[str, float]:
         """One optimiser step on a batch of ``uint8`` images: multi-crop augmentation, then
         :meth:`train_step_views`."""
@@ -417,10 +414,9 @@ class DINOTrainer:
                 student_out = self.student(global_views + local_views, stack=True)
             # (views, batch, K) outputs straight from the head; the loss computes in fp32
             loss = self.loss_fn(teacher_out, student_out, teacher_temp=teacher_temp)
-        self._note_finite(loss)
+        # The loss stays on the device: TrainLoop(lazy=True) checks it is finite without a host synchronisation
+        # and reads it at logging steps (where it is a float) and before checkpoints.
         log_now = self._is_log_step(global_step)
-        if log_now:
-            self._check_finite(global_step + 1, loss)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -475,29 +471,6 @@ class DINOTrainer:
             return stats
         return {k: float(v) if isinstance(v, Tensor) else v for k, v in stats.items()}
 
-    def _note_finite(self, loss: Tensor) -> None:
-        """Fold ``isfinite(loss)`` into the flag on the device (no host synchronisation)."""
-        finite = torch.isfinite(loss.detach())
-        self._finite = finite if self._finite is None else self._finite & finite
-
-    def _check_finite(self, global_step: int, loss: Optional[Tensor] = None) -> None:
-        """Raise :class:`NonFiniteLossError` if a loss since the last check was NaN or infinite (one host
-        synchronisation). ``global_step``: the steps done so far, for the message."""
-        if self._finite is None:
-            return
-        finite, self._finite = bool(self._finite), None
-        since, self._checked_step = self._checked_step, global_step
-        if finite:
-            return
-        value = "the loss became NaN or infinite"
-        if loss is not None and not torch.isfinite(loss).item():
-            value = f"loss is {float(loss)}"
-        where = (f"at global step {global_step - 1}" if since >= global_step - 1
-                 else f"between global steps {since} and {global_step - 1}")
-        raise NonFiniteLossError(
-            f"{value} {where}; stopping. The last good checkpoint is kept at {self.output / CHECKPOINT_NAME}. Try a "
-            "lower --lr, a longer warm-up, or --set train.precision=fp32")
-
     def _ibot_loss(self, global_views: List[Tensor], local_views: List[Tensor], global_step: int,
                    teacher_temp: float):
         """iBOT's forward passes and loss: block masks for the student's global views (a function of the step's
@@ -523,108 +496,82 @@ class DINOTrainer:
         self.model.teacher.eval()
 
     def train(self) -> Dict[str, Any]:
-        """Run (or resume) the whole pretraining and export the teacher backbone. Returns a summary."""
+        """Run (or resume) the whole pretraining on :class:`~visionfm.engine.loop.TrainLoop` and export the teacher
+        backbone. Returns a summary."""
         if self.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
         self._build_data()
         self._build_model()
         position = self._maybe_resume()
-        self._checked_step = position["global_step"]
         if self.is_main:
             write_run_config(self.cfg, self.output)
-        writer = None
-        if self.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(self.output / "tensorboard"))
             log.info("modality %s | data: %s | %s, %d steps/epoch x %d epochs, global batch %d, %s on %s",
                      self.modality.name, self.data_description, self.cfg["model"]["arch"], self.steps_per_epoch,
                      self.epochs, self.global_batch, str(self.amp_dtype or "fp32").replace("torch.", ""), self.device)
-        max_steps = self.cfg["train"].get("max_steps")
+        train = self.cfg["train"]
+        max_steps = train.get("max_steps")
         total_steps = len(self.schedules) if not max_steps else min(len(self.schedules), int(max_steps))
-        every = self.cfg["train"].get("checkpoint_every_steps")
-        # A wall-clock budget for this invocation (a lent GPU's minutes, a screening run): the run stops after the
-        # step that crosses it, checkpoints and exports, like --max-steps; rerunning continues the schedule.
-        max_seconds = self.cfg["train"].get("max_seconds")
-        out_of_time = False
-        old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        global_step, epoch = position["global_step"], position["epoch"]
-        stats: Dict[str, float] = {}
+        self.epoch, self.step_in_epoch, self._batches = position["epoch"], position["step_in_epoch"], None
+        self._wait = {"steps": 0, "wait": 0.0, "busy": 0.0, "max_fraction": 0.0}
+        ctx = RunContext(self.device, self.dist, self.output)
+        writer = ctx.writer()  # <output>/tensorboard on rank 0
+        # Checkpoints every train.checkpoint_every_steps steps, after the last step and on a stop request (a
+        # signal, or train.max_seconds: a wall-clock budget for this invocation, e.g. a lent GPU's minutes, after
+        # which the run checkpoints and exports like --max-steps and a rerun continues the schedule).
+        loop = TrainLoop(ctx, total_steps, f"{self.objective} pretraining", writer, items_per_step=self.global_batch,
+                         save_every=int(train.get("checkpoint_every_steps") or 0),
+                         hint="try a lower --lr, a longer warm-up, or --set train.precision=fp32",
+                         lazy=True, max_seconds=train.get("max_seconds"), items="images")
+        start = position["global_step"]
         start_time = time.perf_counter()
-        steps_done = 0
-        wait_total = busy_total = 0.0
-        wait_fractions: List[float] = []
         try:
             self._set_train_mode()
-            while epoch < self.epochs and global_step < total_steps and not out_of_time:
-                start = position["step_in_epoch"] if epoch == position["epoch"] else 0
-                self.sampler.set_epoch(epoch, start)
-                bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.is_main,
-                           initial=start, total=self.steps_per_epoch, mininterval=1.0 if sys.stderr.isatty() else 10.0,
-                           dynamic_ncols=True)
-                step_in_epoch = start
-                ready = time.perf_counter()
-                for images in bar:
-                    t0 = time.perf_counter()
-                    stats = self.train_step(images, global_step, epoch)
-                    t1 = time.perf_counter()
-                    global_step += 1
-                    step_in_epoch += 1
-                    steps_done += 1
-                    # What the model waits for: the loader's next batch plus the (synchronous) augmentation.
-                    wait = (t0 - ready) + stats.pop("augment_s")
-                    stats["data_wait_s"] = wait
-                    stats["data_wait_fraction"] = wait / max(t1 - ready, 1e-9)
-                    stats["images_per_s"] = self.global_batch / max(t1 - t0, 1e-9)
-                    if steps_done > 1:  # the first step of a run includes one-time warm-up
-                        wait_total += wait
-                        busy_total += t1 - ready
-                        wait_fractions.append(stats["data_wait_fraction"])
-                    if isinstance(stats["loss"], float):  # a logging step (other steps keep GPU values unread)
-                        bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.1f}")
-                    if writer is not None:
-                        for key, value in stats.items():
-                            if not isinstance(value, Tensor):
-                                writer.add_scalar(f"train/{key}", value, global_step)
-                    # Stop requests are agreed by all ranks after every step: SIGTERM reaches ranks at different
-                    # moments and each measures its own time, and a rank that stopped alone would leave the others
-                    # waiting in the next collective.
-                    out_of_time = bool(max_seconds) and time.perf_counter() - start_time >= float(max_seconds)
-                    stop, out_of_time = any_rank(self._stop_signal is not None, out_of_time)
-                    done = global_step >= total_steps or out_of_time
-                    if stop or (every and global_step % int(every) == 0 and not done):
-                        self.save_checkpoint(epoch, step_in_epoch, global_step)
-                    if stop:
-                        signum = self._stop_signal or signal.SIGTERM  # a rank that was told by another
-                        log.warning("stopped by signal; checkpoint saved at global step %d; rerun the same command to "
-                                    "resume", global_step)
-                        raise SystemExit(128 + signum)
-                    if done:
-                        break
-                    ready = time.perf_counter()
-                bar.close()
-                if step_in_epoch >= self.steps_per_epoch:
-                    epoch += 1
-                    step_in_epoch = 0
-                self.save_checkpoint(epoch, step_in_epoch, global_step)
-                self.threads.recheck()
+            global_step = loop.run(self._run_step, None,
+                                   lambda done: self.save_checkpoint(self.epoch, self.step_in_epoch, done), start=start)
         finally:
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
+            self._batches = None
             self.threads.restore()  # a later run in this process starts from the count found before this one
-            if writer is not None:
-                writer.close()
-        elapsed = time.perf_counter() - start_time
-        final_loss = stats.get("loss")
-        summary = {"global_step": global_step, "epoch": epoch,
-                   "final_loss": float(final_loss) if final_loss is not None else None,
-                   "steps_this_run": steps_done, "seconds_this_run": round(elapsed, 2), "data": self.data_description}
-        if wait_fractions:
-            summary["data_wait_fraction"] = round(wait_total / max(busy_total, 1e-9), 4)
-            summary["data_wait_fraction_max"] = round(max(wait_fractions), 4)
+            writer.close()
+        summary = {"global_step": global_step, "epoch": self.epoch, "final_loss": loop.last.get("loss"),
+                   "steps_this_run": global_step - start, "seconds_this_run": round(time.perf_counter() - start_time, 2),
+                   "data": self.data_description}
+        if self._wait["steps"] > 1:
+            summary["data_wait_fraction"] = round(self._wait["wait"] / max(self._wait["busy"], 1e-9), 4)
+            summary["data_wait_fraction_max"] = round(self._wait["max_fraction"], 4)
         if self.is_main:
             self.export(global_step)
         return summary
+
+    def _run_step(self, global_step: int) -> Dict[str, Any]:
+        """The loop's step: the epoch's next batch (the sampler starts mid-epoch on a resume), :meth:`train_step`,
+        and what the model waited for the data. After an epoch's last batch the position moves to the next epoch
+        and ``train.threads: auto`` is timed again."""
+        ready = time.perf_counter()
+        if self._batches is None:
+            self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+            self._batches = iter(self.loader)
+        images = next(self._batches)
+        t0 = time.perf_counter()
+        stats = self.train_step(images, global_step, self.epoch)
+        t1 = time.perf_counter()
+        # What the model waits for: the loader's next batch plus the (synchronous) augmentation.
+        wait = (t0 - ready) + stats.pop("augment_s")
+        stats["data_wait_s"] = wait
+        stats["data_wait_fraction"] = wait / max(t1 - ready, 1e-9)
+        stats["images_per_s"] = self.global_batch / max(t1 - t0, 1e-9)  # the step itself, without the loader wait
+        self._wait["steps"] += 1
+        if self._wait["steps"] > 1:  # the first step of a run includes one-time warm-up
+            self._wait["wait"] += wait
+            self._wait["busy"] += t1 - ready
+            self._wait["max_fraction"] = max(self._wait["max_fraction"], stats["data_wait_fraction"])
+        self.step_in_epoch += 1
+        if self.step_in_epoch >= self.steps_per_epoch:
+            next(self._batches, None)  # the epoch's iterator ends (and shuts its loader workers down)
+            self._batches = None
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.threads.recheck()
+        return stats
 
     # ----------------------------------------------------------------------------------------- export
     def export_metadata(self, global_step: int) -> Dict[str, Any]:

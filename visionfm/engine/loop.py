@@ -1,9 +1,11 @@
-"""The training loop every downstream trainer runs on, and the parts it is made of.
+"""The training loop every trainer runs on (pretraining: DINO, iBOT, MAE; CLIP; fine-tuning, segmentation,
+detection), and the parts it is made of.
 
-A trainer supplies two things: ``step(step) -> stats`` (one optimiser step; ``stats["loss"]`` is the loss) and
-``validate(step)`` (score the model, keep the best checkpoint). :class:`TrainLoop` owns the rest: the progress bar
-(loss, throughput, ETA), TensorBoard scalars, the NaN/inf guard, SIGTERM/SIGINT to a saved state, periodic saves
-and validation, all agreed across the ranks of a ``torchrun`` job.
+A trainer supplies ``step(step) -> stats`` (one optimiser step; ``stats["loss"]`` is the loss), ``save(steps_done)``
+(write its resume state) and, where it has one, ``validate(step)`` (score the model, keep the best checkpoint).
+:class:`TrainLoop` owns the rest: the progress bar (loss, throughput, ETA), TensorBoard scalars, the NaN/inf guard,
+SIGTERM/SIGINT to a saved state, a wall-clock budget, periodic saves and validation, all agreed across the ranks of
+a ``torchrun`` job; with ``lazy=True`` (pretraining) it does so without reading GPU values between logging steps.
 
 :class:`RunContext` is the run's place in the process group: rank 0 alone writes files and TensorBoard events
 (:meth:`RunContext.writer`), each rank trains on its slice of every global batch (:meth:`RunContext.part`), the
@@ -247,8 +249,20 @@ class TrainLoop:
     before anything is saved); scalars go to TensorBoard every ``log_every`` steps; every ``val_every`` steps and
     after the last one ``validate(steps_done)`` runs and then ``save(steps_done)``; in between ``save`` runs every
     ``save_every`` steps; a SIGTERM/SIGINT on any rank makes every rank save after the same step and exit with
-    ``128 + signal``. ``save`` writes the trainer's resume state (the trainer decides what and, through
-    :class:`RunContext`, that rank 0 writes it).
+    ``128 + signal``; with ``max_seconds`` the step that crosses the wall-clock budget is the last one (saved,
+    then :meth:`run` returns early). ``save`` writes the trainer's resume state (the trainer decides what and,
+    through :class:`RunContext`, that rank 0 writes it).
+
+    ``lazy`` is for trainers whose steps must not wait for the GPU (pretraining): a step may return its stats as
+    tensors on the device, and the loop reads them on the host only where a value is needed anyway: at the steps
+    whose loss the step returned as a number (the trainer's logging steps, which it picks through its own
+    ``log_every``), before every validation and save, at a stop and after the last step; those steps log all their
+    scalars, the others the values that are host numbers already (learning rate, timings). In between, whether
+    every loss was finite is kept as a flag on the device (no synchronisation), so a NaN is still caught before
+    anything is saved; the message then names the steps it happened between.
+
+    The throughput (progress bar, ``train/<items>_per_s``) is the loop's step time unless the step reports
+    ``<items>_per_s`` itself (e.g. timed without the wait for the data loader).
 
     Args:
         ctx: The run context.
@@ -257,8 +271,12 @@ class TrainLoop:
         writer: TensorBoard writer (:meth:`RunContext.writer`).
         items_per_step: Items of a global batch, for the throughput.
         log_every, val_every, save_every: Intervals in steps (``val_every`` 0: validate after the last step only;
-            ``save_every`` 0: save at validations only).
+            ``save_every`` 0: save at validations only). With ``lazy`` the trainer's numeric losses set the
+            logging steps instead of ``log_every``.
         hint: What the NaN message suggests changing.
+        lazy: Read tensor stats on the host only where needed (above).
+        max_seconds: Wall-clock budget of this invocation (``None``/0: none), agreed across ranks.
+        items: What an item is, for the progress bar and the throughput's TensorBoard tag (``train/<items>_per_s``).
     """
 
     ctx: RunContext
@@ -270,43 +288,76 @@ class TrainLoop:
     val_every: int = 0
     save_every: int = 0
     hint: str = "lower the learning rate or use --precision fp32"
+    lazy: bool = False
+    max_seconds: Optional[float] = None
+    items: str = "items"
     seconds: float = 0.0  # training seconds of this run (set by run)
-    last: Dict[str, float] = field(default_factory=dict)  # the last step's stats as floats
+    last: Dict[str, float] = field(default_factory=dict)  # the last step's stats as floats (lazy: the last read)
+    _finite: Optional[Tensor] = field(default=None, init=False, repr=False)  # lazy: every loss since the last read
+    _read_at: int = field(default=0, init=False, repr=False)  # lazy: steps done at the last read
 
     def run(self, step: Callable[[int], Dict[str, Any]], validate: Optional[Callable[[int], None]] = None,
             save: Optional[Callable[[int], None]] = None, start: int = 0) -> int:
-        """Run the steps; returns the number of steps done in all (``total``)."""
+        """Run the steps; returns the number of steps done in all (``total``, or fewer when ``max_seconds``
+        ended the run)."""
         bar = progress(self.total, self.desc, initial=start, enabled=self.ctx.is_main)
         t_start = time.perf_counter()
+        self._finite, self._read_at = None, start
+        done = start
         try:
             with stop_requests("the training state") as signals:
                 for index in range(start, self.total):
                     t0 = time.perf_counter()
                     stats = step(index)
-                    loss = float(stats["loss"])
                     done = index + 1
+                    late = bool(self.max_seconds) and time.perf_counter() - t_start >= float(self.max_seconds)
+                    validate_now = validate is not None and (
+                        (self.val_every and done % self.val_every == 0) or done == self.total)
+                    save_now = save is not None and ((self.val_every and done % self.val_every == 0)
+                                                     or done == self.total
+                                                     or (self.save_every and done % self.save_every == 0))
                     # One host-side agreement per step: a NaN on one rank or a signal that reached one rank first
                     # must stop all of them after the same step, or the others would wait in the next collective.
-                    stop, bad = any_rank(bool(signals), not math.isfinite(loss))
+                    if self.lazy and isinstance(stats["loss"], Tensor):
+                        finite = torch.isfinite(stats["loss"].detach())  # on the device: no synchronisation
+                        self._finite = finite if self._finite is None else self._finite & finite
+                        read = validate_now or save_now or done == self.total
+                        stop, late, bad = any_rank(bool(signals), late, read and not self._read_finite(done))
+                        if (stop or late) and not read:  # the same on every rank: the flags were agreed
+                            bad, = any_rank(not self._read_finite(done))
+                            read = True
+                    else:
+                        read = True
+                        loss = float(stats["loss"])
+                        finite = math.isfinite(loss) and (not self.lazy or self._read_finite(done))
+                        stop, late, bad = any_rank(bool(signals), late, not finite)
                     if bad:
-                        what = f"is {loss}" if not math.isfinite(loss) else "became NaN or infinite on another rank"
-                        raise NonFiniteLossError(f"{self.desc}: the loss {what} at step {done}; {self.hint}. Saved "
-                                                 "states hold the last good weights")
-                    self.last = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float, Tensor))
-                                 and (not isinstance(v, Tensor) or v.numel() == 1)}
+                        raise NonFiniteLossError(f"{self.desc}: {self._bad_loss(stats['loss'], done)}; {self.hint}. "
+                                                 "Saved states hold the last good weights")
+                    rate_key = f"{self.items}_per_s"
                     rate = self.items_per_step / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix(loss=f"{loss:.4f}", items_s=f"{rate:.1f}", refresh=False)
+                    if isinstance(stats.get(rate_key), (int, float)):  # the trainer timed its step itself
+                        rate = float(stats[rate_key])
+                    if read:
+                        self.last = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float, Tensor))
+                                     and (not isinstance(v, Tensor) or v.numel() == 1)}
+                        bar.set_postfix({"loss": f"{self.last['loss']:.4f}", f"{self.items}_s": f"{rate:.1f}"},
+                                        refresh=False)
                     bar.update(1)
-                    if done % max(1, self.log_every) == 0 or done == self.total or index == start:
-                        for key, value in self.last.items():
+                    scalars: Optional[Dict[str, float]] = None
+                    if read and self._log_now(index, start):
+                        scalars = dict(self.last)
+                    elif self.lazy:  # what is on the host already costs nothing to log: every step, as before
+                        scalars = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+                    if scalars is not None:
+                        scalars.setdefault(rate_key, rate)
+                        for key, value in scalars.items():
                             self.writer.add_scalar(f"train/{key}", value, done)
-                        self.writer.add_scalar("train/items_per_s", rate, done)
                     saved = False
-                    if validate is not None and ((self.val_every and done % self.val_every == 0) or done == self.total):
+                    if validate_now:
                         validate(done)
                         self.writer.flush()
-                    if save is not None and ((self.val_every and done % self.val_every == 0) or done == self.total
-                                             or (self.save_every and done % self.save_every == 0) or stop):
+                    if save is not None and (save_now or stop or late):
                         save(done)
                         saved = True
                     if stop:
@@ -314,8 +365,36 @@ class TrainLoop:
                         log.warning("stopped after step %d%s; run the same command again to resume", done,
                                     " (state saved)" if saved else "")
                         raise SystemExit(128 + signum)
+                    if late:
+                        log.info("the time budget of %s s is used up after step %d%s; run the same command again to "
+                                 "go on", self.max_seconds, done, " (state saved)" if saved else "")
+                        break
         finally:
             bar.close()
             self.seconds = time.perf_counter() - t_start
-        return self.total
+        return done
 
+    def _log_now(self, index: int, start: int) -> bool:
+        """Whether a step's scalars (once read) go to TensorBoard: every ``log_every`` steps, the first step of a
+        run and the last; lazy: every step whose values were read (the trainer's logging steps, saves, the end)."""
+        done = index + 1
+        return self.lazy or done == self.total or index == start or done % max(1, self.log_every) == 0
+
+    def _read_finite(self, done: int) -> bool:
+        """Lazy mode: whether every loss since the last read was finite (one host synchronisation); resets the
+        flag."""
+        finite = True if self._finite is None else bool(self._finite)
+        self._finite = None
+        if finite:
+            self._read_at = done
+        return finite
+
+    def _bad_loss(self, loss: Any, done: int) -> str:
+        """What the NaN message says about the loss of step ``done`` (and, lazily read, the steps before it)."""
+        value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+        if self.lazy and self._read_at < done - 1:  # the losses of the steps since the last read were not looked at
+            return (f"the loss became NaN or infinite between steps {self._read_at + 1} and {done}"
+                    + (f" (it is {value} at step {done})" if not math.isfinite(value) else ""))
+        if not math.isfinite(value):
+            return f"the loss is {value} at step {done}"
+        return f"the loss became NaN or infinite at step {done} on another rank"

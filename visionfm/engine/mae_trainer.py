@@ -2,9 +2,10 @@
 pretraining loop.
 
 Everything but the objective is :class:`~visionfm.engine.dino_trainer.DINOTrainer`'s: the data (folders, CSVs,
-named sources, the built-in synthetic set, the resumable epoch sampler), the loop (progress bar, TensorBoard under
-``<output>/tensorboard``, atomic checkpoints every epoch and on SIGTERM/SIGINT, automatic resume, ``max_steps``),
-thread choice, precision and export. This class replaces the augmentation (one MAE view per image), the model and
+named sources, the built-in synthetic set, the resumable epoch sampler), the loop (:class:`~visionfm.engine.loop.TrainLoop`:
+progress bar, TensorBoard under ``<output>/tensorboard``, the NaN/inf guard, atomic checkpoints every
+``train.checkpoint_every_steps`` steps, at the end and on SIGTERM/SIGINT, automatic resume, ``max_steps``,
+``max_seconds``), thread choice, precision and export. This class replaces the augmentation (one MAE view per image), the model and
 step, what a checkpoint holds and restores, and what is exported: the encoder alone (timm keys, no decoder, no mask
 token), so that :func:`visionfm.load_encoder` loads it exactly like a DINO encoder.
 """
@@ -168,11 +169,9 @@ class MAETrainer(DINOTrainer):
         with autocast(self.device, self.amp_dtype):
             predictions = self.network(views, idx_keep, idx_mask)
         loss = self.loss_fn(predictions, self.model.patch_targets(views, idx_mask))  # in fp32
-        # Finiteness is read on the host only at logging steps and before checkpoints (DINOTrainer._check_finite)
-        self._note_finite(loss)
+        # The loss stays on the device: TrainLoop(lazy=True) checks it is finite without a host synchronisation and
+        # reads it at logging steps (where it is a float) and before checkpoints.
         log_now = self._is_log_step(global_step)
-        if log_now:
-            self._check_finite(global_step + 1, loss)
         grad_norm = backward_and_step(loss, self.optimizer, self.scaler, self.trainable,
                                       self.cfg["optim"].get("clip_grad"), as_tensor=True)
         stats: Dict[str, Any] = {"loss": loss.detach(), "lr": lr, "weight_decay": weight_decay, "augment_s": augment_s}
