@@ -27,13 +27,22 @@ def test_two_process_gloo_gradients_equal_single_process(tmp_path):
 
 
 def test_pretrain_cli_runs_under_torchrun(tmp_path):
+    """Two ranks pretrain on real image files, decoded once into one array file both ranks map."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(root / "pretrain" / "dino.py"), "--modality", "cfp", "--img-size", "32", "--local-crops", "2",
            "--local-size", "16", "--batch-size", "2", "--epochs", "1", "--out-dim", "64", "--set", "head.hidden_dim=32",
-           "--set", "head.bottleneck_dim=16", "--set", "data.synthetic_count=8", "--device", "cpu",
-           "--output", str(tmp_path / "run")]
+           "--set", "head.bottleneck_dim=16", "--data", str(tmp_path), "--set", "data.load_size=36",
+           "--set", f"data.cache_dir={tmp_path / 'cache'}", "--device", "cpu", "--output", str(tmp_path / "run")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "global batch 4" in result.stdout and (tmp_path / "run" / "encoder.safetensors").is_file()
+    assert "global batch 4" in result.stdout + result.stderr and (tmp_path / "run" / "encoder.safetensors").is_file()
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    assert (result.stdout + result.stderr).count("shared by the processes of this machine") == 1

@@ -38,7 +38,8 @@ class ConfigMismatchError(VisionFMError, ValueError):
 #: Settings that may change between a run and its resumption without changing what the run computes.
 RESUMABLE_KEYS = frozenset({"train.max_steps", "train.max_seconds", "train.threads", "train.device",
                             "train.log_every", "train.checkpoint_every_steps", "train.resume_with_changes",
-                            "data.num_workers", "data.cache", "export.to", "export.data_description"})
+                            "data.num_workers", "data.cache", "data.cache_dir", "export.to",
+                            "export.data_description"})
 
 
 def load_yaml(path: "str | os.PathLike") -> Dict[str, Any]:

@@ -20,14 +20,14 @@ from ..errors import NonFiniteLossError
 from ..config import check_resumable, write_run_config
 from ..data.augment import MultiCropAugmentation
 from ..data.synthetic import SyntheticImages
-from ..data.unlabeled import UnlabeledImages, list_images, parse_size
+from ..data.unlabeled import SharedCache, UnlabeledImages, list_images, parse_size
 from ..modalities import AugmentationRecipe, Modality, get_modality
 from ..models.vit import create_encoder, set_fused_attention
 from ..objectives.dino import DINOLoss, DINOModel, DINOSchedules, collapse_monitors
 from ..objectives.ibot import IBOTLoss, IBOTModel, MaskConfig, sample_masks
 from ..weights.export import save_encoder, update_index
 from .checkpoint import atomic_save, restart_from_checkpoint, safe_load
-from .distributed import DistInfo, init_distributed, load_on_every_rank
+from .distributed import DistInfo, barrier, init_distributed, load_on_every_rank
 from .loading import loader_settings
 from .loop import RunContext, TrainLoop
 from .precision import autocast, enable_tf32, resolve_precision
@@ -230,10 +230,14 @@ class DINOTrainer:
         self.load_size = check_crop_sizes(cfg)
         if data.get("source"):
             files = list_images(data["source"], limit=data.get("limit"))
+            shared = None
+            if self.dist.world_size > 1:  # one decoded copy per machine, not one per rank
+                folder = Path(data["cache_dir"]) if data.get("cache_dir") else SharedCache.default_folder()
+                shared = SharedCache(folder, leader=self.dist.local_rank == 0, wait=barrier)
             self.dataset = UnlabeledImages(files, self.modality, self.load_size,
                                            skip_corrupt=bool(data.get("skip_corrupt")),
                                            cache=bool(data.get("cache", True)),
-                                           min_side=int(self.cfg["model"]["patch_size"]))
+                                           min_side=int(self.cfg["model"]["patch_size"]), shared_cache=shared)
         else:
             count = data.get("synthetic_count", 64)
             if data.get("limit"):
