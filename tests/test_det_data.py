@@ -105,7 +105,7 @@ def test_default_lesion_rule_keeps_exudate_fields_apart(shared_data: Path):
     default rule keeps the mask's own components, each a box of at most a few hundred pixels."""
     path = shared_data / SEG / "2. All Segmentation Groundtruths/a. Training Set" / TRUTH["EX"] / "IDRiD_03_EX.tif"
     mask = np.asarray(Image.open(path).convert("L")) > 0
-    defaults = load_yaml(CONFIG_DIR / "det" / "default.yaml")["dataset"]  # what downstream/det.py uses
+    defaults = load_yaml(CONFIG_DIR / "det" / "default.yaml")["data"]  # what downstream/det.py uses
 
     def sides(merge_gap: float, min_size: float) -> np.ndarray:
         boxes = component_boxes(mask, merge_gap, min_size).boxes

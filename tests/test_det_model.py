@@ -22,7 +22,8 @@ from visionfm.data.boxes import DetectionRecord
 from visionfm.tasks.detection.dataset import DetectionDataset, StepBatchSampler
 from visionfm.tasks.detection.evaluation import Prediction, coco_metrics, predict
 from visionfm.tasks.detection.models import SimpleFeaturePyramid
-from visionfm.tasks.detection.runner import DEFAULT_CONFIG, build_detector, main
+from visionfm.tasks.detection.cli import main
+from visionfm.tasks.detection.runner import DEFAULT_CONFIG, build_detector
 from visionfm.weights.export import save_encoder
 
 # Narrow heads so that a step takes well under a second on a busy CPU.
@@ -256,7 +257,7 @@ def test_cli_idrid_od_end_to_end(tmp_path: Path):
     root = make_fake_idrid(tmp_path / "data")
     out = tmp_path / "run"
     assert main(["--dataset", "IDRiD", "--target", "od", "--data-root", str(root), "--output", str(out),
-                 "--max-steps", "2", "--set", "dataset.val_count=2", "--set", "train.eval_every=1",
+                 "--max-steps", "2", "--set", "data.val_count=2", "--set", "train.eval_every=1",
                  *_tiny_args()]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("map", "ap50", "ap75", "mean_distance_px", "within_1_8_dd"):
@@ -278,7 +279,7 @@ def test_cli_stopped_run_resumes_to_the_uninterrupted_result(tmp_path: Path):
     # the 5-step schedule) resumes from last.pth and must end with the uninterrupted run's weights. Drop-path on,
     # so the global RNG must be restored too.
     root = make_fake_idrid(tmp_path / "data")
-    common = ["--dataset", "IDRiD", "--target", "od", "--data-root", str(root), "--set", "dataset.val_count=2",
+    common = ["--dataset", "IDRiD", "--target", "od", "--data-root", str(root), "--set", "data.val_count=2",
               "--set", "train.eval_every=3", "--set", "optim.steps=5", "--set", "data.hflip=0.5",
               "--set", "data.color_jitter=0.2", *_tiny_args(), "--set", "model.drop_path_rate=0.2"]
     assert main([*common, "--output", str(tmp_path / "whole")]) == 0
@@ -295,7 +296,7 @@ def test_cli_stopped_run_resumes_to_the_uninterrupted_result(tmp_path: Path):
     assert m_parts["best_step"] == m_whole["best_step"] and m_parts["map"] == m_whole["map"]
     with pytest.raises(ConfigMismatchError, match=r"optim.lr = 0.01"):
         main([*common, "--output", str(tmp_path / "parts"), "--set", "optim.lr=0.01"])
-    with pytest.raises(ConfigMismatchError, match="--limit"):
+    with pytest.raises(ConfigMismatchError, match=r"data.limit = 3"):
         main([*common, "--output", str(tmp_path / "parts"), "--limit", "3"])
 
 
@@ -315,14 +316,14 @@ def test_cli_fovea_and_lesions(tmp_path: Path):
     root = make_fake_idrid(tmp_path / "data")
     out = tmp_path / "fovea"
     main(["--target", "fovea", "--data-root", str(root), "--output", str(out), "--max-steps", "1",
-          "--set", "dataset.loc_test_count=4", "--set", "dataset.loc_val_count=2", "--set", "eval.select=within_1_8_dd",
+          "--set", "data.loc_test_count=4", "--set", "data.loc_val_count=2", "--set", "eval.select=within_1_8_dd",
           *_tiny_args("fcos"), "--detector", "fcos"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == {"train": 6, "val": 2, "test": 4} and metrics["classes"] == ["fovea"]
     assert 0.0 <= metrics["within_1_8_dd"] <= 1.0 and metrics["n_images"] == 4
     out = tmp_path / "lesions"
     main(["--target", "lesions", "--data-root", str(root), "--output", str(out), "--max-steps", "1", "--limit", "2",
-          "--set", "dataset.val_count=2", "--set", "dataset.lesion_merge_gap=3", "--set", "dataset.lesion_min_size=2",
+          "--set", "data.val_count=2", "--set", "data.lesion_merge_gap=3", "--set", "data.lesion_min_size=2",
           "--set", "data.crop_size=32", *_tiny_args()])
     metrics = json.loads((out / "metrics.json").read_text())
     assert "ap_haemorrhage" in metrics and "within_1_8_dd" not in metrics and metrics["images"]["test"] == 2
@@ -338,8 +339,8 @@ def test_cli_coco_end_to_end(tmp_path: Path):
     (tmp_path / "train.json").write_text(json.dumps(data))
     out = tmp_path / "run"
     main(["--dataset", "coco", "--data-root", str(tmp_path), "--output", str(out), "--max-steps", "1",
-          "--set", "dataset.coco.train_ann=train.json", "--set", f"dataset.coco.train_images={tmp_path}",
-          "--set", "dataset.coco.val_fraction=0.25", "--set", "dataset.coco.test_fraction=0.25",
+          "--set", "data.coco.train_ann=train.json", "--set", f"data.coco.train_images={tmp_path}",
+          "--set", "data.coco.val_fraction=0.25", "--set", "data.coco.test_fraction=0.25",
           *_tiny_args("faster_rcnn"), "--detector", "faster_rcnn"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == {"train": 4, "val": 2, "test": 2} and metrics["classes"] == ["blob"]
@@ -349,14 +350,14 @@ def test_cli_coco_end_to_end(tmp_path: Path):
 def test_cli_errors(tmp_path: Path):
     from visionfm.config import ConfigError
 
-    with pytest.raises(ConfigError, match="dataset.coco.train_ann"):
+    with pytest.raises(ConfigError, match="data.coco.train_ann"):
         main(["--dataset", "coco", "--data-root", str(tmp_path), "--output", str(tmp_path / "o"), "--random-init"])
     with pytest.raises(ConfigError, match="detector 'yolo'"):
         build_detector(tiny_config() | {"model": {**tiny_config()["model"], "detector": "yolo"}}, ("a",), 64)
     with pytest.raises(ConfigError, match="does not work with two-stage detectors"):
         main(["--data-root", str(make_fake_idrid(tmp_path / "d2")), "--output", str(tmp_path / "o3"),
-              "--detector", "faster_rcnn", "--set", "train.precision=bf16", "--set", "dataset.val_count=2",
+              "--detector", "faster_rcnn", "--set", "train.precision=bf16", "--set", "data.val_count=2",
               *_tiny_args("faster_rcnn")])
     with pytest.raises(ConfigError, match="within_1_8_dd needs a point target"):
         main(["--target", "lesions", "--data-root", str(make_fake_idrid(tmp_path / "d")), "--random-init",
-              "--output", str(tmp_path / "o2"), "--set", "eval.select=within_1_8_dd", "--set", "dataset.val_count=2"])
+              "--output", str(tmp_path / "o2"), "--set", "eval.select=within_1_8_dd", "--set", "data.val_count=2"])

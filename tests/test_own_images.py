@@ -216,7 +216,7 @@ def test_predict_refuses_a_checkpoint_of_another_task(tmp_path, fundus_folder, c
     from visionfm.engine.checkpoint import atomic_save
     from visionfm.inference.checkpoints import checkpoint_kind
     from visionfm.tasks.classification.cli import main as cls_main
-    from visionfm.tasks.detection.runner import main as det_main
+    from visionfm.tasks.detection.cli import main as det_main
 
     seg = {"format": "visionfm-seg-1", "model": {"backbone.x": torch.zeros(1), "decode_head.y": torch.zeros(1)}}
     det = {"model": {"backbone.x": torch.zeros(1), "bbox_head.y": torch.zeros(1)}, "classes": ["od"], "config": {}}
@@ -279,7 +279,7 @@ def test_onnx_export_matches_pytorch_with_a_dynamic_batch(tmp_path, shared_data,
 # ------------------------------------------------------------------------------------------------ detection
 def test_det_predict_writes_boxes_at_full_resolution_and_pictures(shared_data, fundus_folder, tmp_path, capsys,
                                                                    caplog):
-    from visionfm.tasks.detection.runner import main
+    from visionfm.tasks.detection.cli import main
 
     run = tmp_path / "det"
     assert run_cli(main, ["--dataset", "IDRiD", "--target", "od", "--max-steps", "1", "--limit", "2", "--data-root",

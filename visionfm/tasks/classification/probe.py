@@ -1,8 +1,9 @@
 """Linear (or small MLP) probes trained on cached frozen features.
 
 For every weight decay of a grid, a head is trained with AdamW and a cosine learning-rate schedule on the
-training features; after each epoch it is scored on the validation features, and the (weight decay, epoch)
-with the best validation metric is kept. The test split plays no part.
+training features, on the shared training loop (:class:`visionfm.engine.loop.TrainLoop`); after each epoch it is
+scored on the validation features, and the (weight decay, epoch) with the best validation metric is kept. The test
+split plays no part.
 
 Example:
     >>> import torch
@@ -20,12 +21,12 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ...errors import NonFiniteLossError
+from ...engine.loop import NullWriter, RunContext, TrainLoop
 from .heads import Standardize, build_head
 from .selection import Selector, resolve_select_metric, split_metrics
 from .task import ClassificationTask
@@ -70,10 +71,33 @@ def _param_groups(head: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class _Prefixed:
+    """A TensorBoard writer whose tags get a prefix: each weight decay's loop logs to its own section."""
+
+    def __init__(self, writer: Any, prefix: str) -> None:
+        self.writer, self.prefix = writer, prefix
+
+    def add_scalar(self, tag: str, *args: Any, **kwargs: Any) -> None:
+        self.writer.add_scalar(f"{self.prefix}/{tag}", *args, **kwargs)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:  # the caller's writer outlives the candidates
+        pass
+
+
 def train_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, task: ClassificationTask,
                 cfg: ProbeConfig, select_metric: str = "auto", seed: int = 0,
-                device: "torch.device | str" = "cpu", writer=None) -> Tuple[nn.Module, Dict[str, Any]]:
+                device: "torch.device | str" = "cpu", writer=None,
+                ctx: Optional[RunContext] = None) -> Tuple[nn.Module, Dict[str, Any]]:
     """Train a probe for each weight decay and return the one selected on validation.
+
+    Each candidate runs on :class:`~visionfm.engine.loop.TrainLoop` (progress bar, NaN/inf guard, TensorBoard
+    scalars under ``probe_wd_<wd>/``), one validation per epoch. The loop only wraps the steps: the head, the
+    batches, the schedule and the selection are those of the probe's own loop before (the same numbers). Under
+    ``torchrun`` every rank trains the same probe (the loop agrees on stop requests after every step, so every
+    rank must call this); only rank 0 shows progress (``ctx``).
 
     Args:
         train_x, train_y: Training features ``(N, D)`` and targets.
@@ -85,12 +109,14 @@ def train_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, 
         seed: Seed of the head initialisation and batch order.
         device: Where to train (the features are small; the CPU is fine).
         writer: Optional TensorBoard ``SummaryWriter``.
+        ctx: The run's context (rank 0 shows the progress bars); default: one process.
 
     Returns:
         ``(head, selection)``; the head is in eval mode on the CPU; ``selection`` holds the chosen weight
         decay, epoch, step, validation metric and loss, and the per-candidate best values.
     """
     device = torch.device(device)
+    ctx = ctx or RunContext(device)
     metric = resolve_select_metric(task, select_metric)
     n = train_x.shape[0]
     if n == 0:
@@ -101,7 +127,6 @@ def train_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, 
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    epochs = math.ceil(total / steps_per_epoch)
     lrs = cosine_schedule(cfg.lr, cfg.min_lr, total, cfg.warmup_epochs * steps_per_epoch)
     xt, yt = train_x.to(device), train_y.to(device)
     xv, yv = val_x.to(device), val_y
@@ -113,36 +138,43 @@ def train_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, 
         head = build_head(cfg.head, train_x.shape[1], task, cfg.hidden_dim, cfg.dropout, copy.deepcopy(norm)).to(device)
         opt = torch.optim.AdamW(_param_groups(head, float(wd)), lr=cfg.lr)
         local = Selector(metric)
-        step = 0
-        for epoch in range(epochs):
-            head.train()
-            order = torch.randperm(n, generator=gen).to(device)
-            for start in range(0, n, batch):
-                if step >= total:
-                    break
-                idx = order[start:start + batch]
-                for group in opt.param_groups:
-                    group["lr"] = float(lrs[step])
-                loss = task.loss(head(xt[idx]), yt[idx])
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"probe loss is {loss.item()} at step {step} (weight decay {wd}); "
-                                             "lower linear.lr")
+        epoch_order: List[Tensor] = []
+
+        def step(index: int) -> Dict[str, float]:
+            start = (index % steps_per_epoch) * batch
+            if start == 0:  # a new epoch: its shuffle, drawn as the epoch starts
+                head.train()
+                epoch_order[:] = [torch.randperm(n, generator=gen).to(device)]
+            idx = epoch_order[0][start:start + batch]
+            for group in opt.param_groups:
+                group["lr"] = float(lrs[index])
+            loss = task.loss(head(xt[idx]), yt[idx])
+            value = float(loss.detach())
+            if math.isfinite(value):  # a NaN stops the loop (NonFiniteLossError) before the head is updated
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                step += 1
+            return {"loss": value, "lr": float(lrs[index])}
+
+        def validate(done: int) -> None:
+            epoch = (done - 1) // steps_per_epoch + 1
             head.eval()
             with torch.no_grad():
                 logits = head(xv).cpu()
             val_loss = float(task.loss(logits, yv))
             val = split_metrics(task, task.probabilities(logits), yv)
-            info = {"weight_decay": float(wd), "epoch": epoch + 1, "step": step}
+            info = {"weight_decay": float(wd), "epoch": epoch, "step": done}
             local.offer(val, val_loss, info)
             selector.offer(val, val_loss, info, state_fn=lambda: copy.deepcopy(head.state_dict()))
             if writer is not None:
-                writer.add_scalar(f"probe_wd_{wd:g}/val_loss", val_loss, epoch + 1)
+                writer.add_scalar(f"probe_wd_{wd:g}/val_loss", val_loss, epoch)
                 if metric != "loss" and val.get(metric) is not None:
-                    writer.add_scalar(f"probe_wd_{wd:g}/val_{metric}", val[metric], epoch + 1)
+                    writer.add_scalar(f"probe_wd_{wd:g}/val_{metric}", val[metric], epoch)
+
+        # the train scalars once per epoch: the steps are tiny and many (full-batch probes: one per epoch anyway)
+        TrainLoop(ctx, total, f"probe wd {wd:g}", _Prefixed(writer, f"probe_wd_{wd:g}") if writer is not None
+                  else NullWriter(), items_per_step=batch, log_every=steps_per_epoch, val_every=steps_per_epoch,
+                  hint="lower linear.lr").run(step, validate)
         candidates.append(local.best)
         log.info("probe weight decay %g: best val %s %s at epoch %d", wd, metric,
                  _fmt(local.best.get("val_" + metric)), local.best["epoch"])

@@ -5,8 +5,9 @@
   disc diameter).
 - :mod:`.models`: the encoder as an mmdet backbone (``VisionFMViT``) and a ViTDet-style simple feature pyramid
   (``SimpleFeaturePyramid``), registered in mmdet's ``MODELS`` registry when the module is imported.
-- :mod:`.dataset`, :mod:`.evaluation`, :mod:`.runner`: resizing data loader, COCO / point evaluation, and the
-  training entry point behind ``downstream/det.py``.
+- :mod:`.dataset`, :mod:`.evaluation`: resizing data loader, COCO / point evaluation.
+- :mod:`.cli` and :mod:`.runner`: the command line of ``downstream/det.py`` (parser, config, legacy keys) and the
+  training run on :class:`visionfm.engine.loop.TrainLoop`.
 
 Importing this package does not import mmdet; :mod:`.models` and :mod:`.runner` do.
 """

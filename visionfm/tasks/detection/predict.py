@@ -7,7 +7,6 @@ mapped back to the image's own resolution by mmdet (``rescale=True``). Outputs: 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -51,11 +50,12 @@ def predict_folder(checkpoint: "str | os.PathLike", images_source: "str | os.Pat
     ckpt = _load(checkpoint)  # a wrong file is refused before mmdet is even imported
     from .dataset import DetectionDataset  # noqa: PLC0415
     from .evaluation import draw_predictions, predict  # noqa: PLC0415
+    from .cli import upgrade_legacy_config  # noqa: PLC0415
     from .runner import build_detector  # noqa: PLC0415
 
-    cfg = copy.deepcopy(ckpt["config"])
+    cfg = upgrade_legacy_config(ckpt["config"])  # checkpoints of earlier versions have model.modality, dataset.name
     classes = tuple(ckpt["classes"])
-    modality = get_modality(cfg["model"]["modality"])
+    modality = get_modality(cfg["modality"])
     max_size = int(cfg["data"]["max_size"])
     crop = cfg["data"].get("crop_size")
     images = prepare_inputs(images_source, modality.name, 16, limit=limit, recursive=recursive,
@@ -63,8 +63,7 @@ def predict_folder(checkpoint: "str | os.PathLike", images_source: "str | os.Pat
                             large=f"resized to a longer side of {max_size} px as in training; boxes are mapped back to "
                                   f"the full resolution")
     threshold = float(cfg["eval"].get("draw_score_thr", 0.3) if score_thr is None else score_thr)
-    point_target = str(cfg["dataset"].get("name", "")).lower() == "idrid" and cfg["dataset"].get("target") in (
-        "od", "fovea")
+    point_target = str(cfg.get("dataset", "")).lower() == "idrid" and cfg.get("target") in ("od", "fovea")
     # Built as in training (same input size for the position embedding), then the trained weights replace all.
     model, info, _ = build_detector(cfg, classes, img_size=min(max_size, int(crop or max_size)) // 16 * 16)
     state = ckpt["model"]

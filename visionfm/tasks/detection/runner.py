@@ -5,62 +5,47 @@ Outputs in ``--output``: ``config.yaml`` (the merged config), ``mmdet_config.py`
 ``best.pth`` (``{"model", "step", "val", "classes", "config"}``, written atomically, loadable with
 ``weights_only=True``), ``metrics.json`` (test metrics; COCO ``map``/``ap50``/``ap75`` and, for od / fovea, the
 point distances), ``predictions/*.png`` (green: truth, red: prediction) and TensorBoard logs in ``tensorboard/``.
-``last.pth`` holds the training state (model, optimiser, position, RNG), written at every validation and on
-SIGTERM/SIGINT: rerunning the same command resumes the run where it stopped.
+``last.pth`` holds the training state (model, optimiser, position, RNG), written every
+``train.checkpoint_every_steps`` steps, at every validation and on SIGTERM/SIGINT: rerunning the same command
+resumes the run where it stopped, with the weights an uninterrupted run would have (also after a SIGKILL).
+
+The command line is :mod:`.cli`; the config layout is ``configs/det/default.yaml``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch import nn
 
-from ...cli import add_common_arguments, resolve_data_root, resolve_device
-from ...config import CONFIG_DIR, ConfigError, ConfigMismatchError, build_config, check_resumable, write_run_config
+from ...cli import resolve_device
+from ...config import CONFIG_DIR, ConfigError, ConfigMismatchError, check_resumable, load_yaml, write_run_config
+from ...data.boxes import DetectionRecord
 from ...engine.checkpoint import atomic_save, restart_from_checkpoint, safe_load
+from ...engine.distributed import load_on_every_rank
 from ...engine.loading import loader_settings
 from ...engine.loop import RunContext, TrainLoop, cosine_schedule
 from ...engine.precision import backward_and_step, enable_tf32, precision_for_ops
 from ...modalities import get_modality
-from ...data.boxes import DetectionRecord
+from .cli import DEFAULT_CONFIG, LEGACY_KEYS
 
-__all__ = ["DEFAULT_CONFIG", "build_parser", "load_records", "build_detector", "compiled_cuda_ops", "run",
-           "build_predict_parser", "main"]
+__all__ = ["DEFAULT_CONFIG", "load_records", "build_detector", "param_groups", "compiled_cuda_ops", "train", "main"]
 
 log = logging.getLogger("visionfm.det")
 
-DEFAULT_CONFIG = CONFIG_DIR / "det" / "default.yaml"
 #: The training state written at every validation and on SIGTERM/SIGINT; a rerun into the same folder resumes it.
 RESUME_NAME = "last.pth"
-RESUME_FORMAT = "visionfm-det-train-1"
+RESUME_FORMAT = "visionfm-det-train-2"
 SELECT_METRICS = ("map", "ap50", "ap75", "within_1_8_dd")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="downstream/det.py",
-        description="Train an mmdet detector (RetinaNet / FCOS / Faster R-CNN) on a VisionFM encoder; pick the best "
-                    "checkpoint on a validation split; report COCO mAP/AP50/AP75 (and point distances) on the test split. "
-                    "'downstream/det.py predict --help' detects on a folder of new images.")
-    parser.add_argument("--dataset", default=None, help="IDRiD or coco (default from the config: IDRiD)")
-    parser.add_argument("--target", default=None, choices=["od", "fovea", "lesions"], help="IDRiD target")
-    parser.add_argument("--modality", default=None, help="encoder modality (default cfp)")
-    parser.add_argument("--weights", default=None, metavar="PATH", help="encoder weights (default weights/<modality>_*)")
-    parser.add_argument("--random-init", action="store_true", default=None,
-                        help="randomly initialised encoder of the same architecture (baseline)")
-    parser.add_argument("--detector", default=None, help="configs/det/<name>.py or an mmdet config path")
-    add_common_arguments(parser, default_output="runs/det")
-    return parser
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -86,18 +71,20 @@ def _carve_fraction(records: List[DetectionRecord], fractions: Sequence[float]) 
     return parts + [rest]
 
 
-def load_records(cfg: Dict[str, Any], data_root: Path, limit: Optional[int]
+def load_records(cfg: Dict[str, Any], data_root: Path
                  ) -> Tuple[Dict[str, List[DetectionRecord]], Tuple[str, ...]]:
-    """The train / val / test records and the class names for the configured dataset."""
-    ds = cfg["dataset"]
-    name = str(ds["name"]).lower()
+    """The train / val / test records and the class names for the configured dataset (``dataset``, ``target`` and
+    the dataset's options in ``data``; at most ``data.limit`` images of each split)."""
+    ds = cfg["data"]
+    limit = None if ds.get("limit") is None else int(ds["limit"])
+    name = str(cfg["dataset"]).lower()
     if name == "idrid":
         from ...data.datasets.idrid_det import load_idrid_detection  # noqa: PLC0415
 
         splits, classes = {}, None
         for split in ("train", "val", "test"):
             splits[split], classes = load_idrid_detection(
-                data_root, ds["target"], split, source=ds["source"], val_count=int(ds["val_count"]),
+                data_root, cfg["target"], split, source=ds["source"], val_count=int(ds["val_count"]),
                 loc_test_count=int(ds["loc_test_count"]), loc_val_count=int(ds["loc_val_count"]), limit=limit,
                 merge_gap=float(ds["lesion_merge_gap"]), min_size=float(ds["lesion_min_size"]),
                 box_size=float(ds["point_box_size"]), disc_diameter=float(ds["disc_diameter"]))
@@ -107,7 +94,7 @@ def load_records(cfg: Dict[str, Any], data_root: Path, limit: Optional[int]
 
         c = ds["coco"]
         if not c.get("train_ann") or not c.get("train_images"):
-            raise ConfigError("--dataset coco needs --set dataset.coco.train_ann=FILE --set dataset.coco.train_images=DIR")
+            raise ConfigError("--dataset coco needs --set data.coco.train_ann=FILE --set data.coco.train_images=DIR")
         train, classes = load_coco(_resolve(data_root, c["train_ann"]), _resolve(data_root, c["train_images"]))
         given = {}
         for split in ("val", "test"):
@@ -123,7 +110,7 @@ def load_records(cfg: Dict[str, Any], data_root: Path, limit: Optional[int]
             log.info("coco: carved %s from the training images (fixed shuffle)", " and ".join(missing))
         splits = {"train": train[:limit], "val": given["val"][:limit], "test": given["test"][:limit]}
         return splits, classes
-    raise ConfigError(f"unknown dataset {ds['name']!r}; choose IDRiD or coco")
+    raise ConfigError(f"unknown dataset {cfg['dataset']!r}; choose IDRiD or coco")
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -157,7 +144,7 @@ def build_detector(cfg: Dict[str, Any], classes: Sequence[str], img_size: int):
     # "current" logger; our own log reports what matters, so its logger only passes warnings.
     MMLogger.get_instance("visionfm-det", log_level="WARNING")
     mc = cfg["model"]
-    modality = get_modality(mc["modality"]).name
+    modality = get_modality(cfg["modality"]).name
     arch = mc.get("arch")
     if mc.get("random_init") and not arch:  # the baseline copies the architecture of the pretrained weights
         try:
@@ -205,47 +192,114 @@ def build_detector(cfg: Dict[str, Any], classes: Sequence[str], img_size: int):
     return detector, info, mm
 
 
-def _param_groups(model: torch.nn.Module, lr: float, backbone_mult: float, weight_decay: float) -> List[dict]:
-    groups: Dict[Tuple[bool, bool], List[torch.nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        is_backbone = name.startswith("backbone.")
-        no_decay = param.ndim <= 1 or name.endswith((".pos_embed", ".cls_token"))
-        groups.setdefault((is_backbone, no_decay), []).append(param)
-    return [dict(params=params, lr=lr * (backbone_mult if bb else 1.0), base_lr=lr * (backbone_mult if bb else 1.0),
-                 weight_decay=0.0 if nd else weight_decay) for (bb, nd), params in groups.items()]
+class _DetectorLayers(nn.Module):
+    """A detector as timm's layer-wise lr decay counts a ViT classifier's layers (BEiT / MAE, as
+    :meth:`visionfm.tasks.classification.finetune.EncoderClassifier.group_matcher`): the encoder's embeddings are
+    layer 0, block ``i`` is layer ``i + 1``, and everything else (the encoder's final norm, the pyramid, the heads)
+    is the top layer ``depth + 1`` at the full rate. Used for grouping only."""
+
+    def __init__(self, detector: nn.Module, depth: int) -> None:
+        super().__init__()
+        self.detector = detector
+        self.depth = depth
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        encoder = r"^detector\.backbone\.encoder\."
+        return {"stem": encoder + r"(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)",
+                "blocks": [(encoder + r"blocks\.(\d+)\.", None), (r"^detector\.", (self.depth,))]}
 
 
-def _save_resume_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                       scaler: Optional["torch.amp.GradScaler"], cfg: Dict[str, Any], limit: Optional[int], step: int,
-                       best: Dict[str, Any], seconds: float) -> None:
+def param_groups(model: nn.Module, lr: float, backbone_mult: float, weight_decay: float,
+                 layer_decay: float = 1.0) -> List[dict]:
+    """AdamW parameter groups of a detector: timm's ``param_groups_layer_decay`` over :class:`_DetectorLayers`
+    (the pyramid and heads at ``lr``; encoder block ``i`` of ``depth`` at ``lr * layer_decay ** (depth - i)``, the
+    embeddings one step below block 0), with every backbone parameter's rate further times ``backbone_mult``.
+    No weight decay on 1-D parameters, position embeddings and class tokens. With ``layer_decay`` 1 this is one
+    rate for the backbone and one for the rest, as before layer decay existed (the same floats).
+
+    Each group carries ``lr`` = ``base_lr`` = ``lr * lr_scale``; the schedule multiplies ``base_lr``.
+    """
+    from timm.optim import param_groups_layer_decay  # noqa: PLC0415
+
+    backbone = getattr(model, "backbone", None)
+    encoder = getattr(backbone, "encoder", None)
+    depth = len(encoder.blocks) if encoder is not None and hasattr(encoder, "blocks") else 0
+    in_backbone = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+    groups = []
+    for group in param_groups_layer_decay(_DetectorLayers(model, depth), weight_decay=weight_decay,
+                                          no_weight_decay_list=("*.pos_embed", "*.cls_token"),
+                                          layer_decay=layer_decay):
+        for is_backbone in (True, False):
+            params = [p for p in group["params"] if (id(p) in in_backbone) == is_backbone]
+            if params:
+                scale = group["lr_scale"] * backbone_mult if is_backbone else group["lr_scale"]
+                groups.append(dict(params=params, lr=lr * scale, base_lr=lr * scale, lr_scale=scale,
+                                   weight_decay=group["weight_decay"]))
+    return groups
+
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    """Every random stream training may draw on (drop-path, mmdet's samplers), as plain objects."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [name, np.asarray(keys).tolist(), int(pos), int(has_gauss),
+                                                      float(cached)], "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["python"]))
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       scaler: Optional["torch.amp.GradScaler"], cfg: Dict[str, Any], step: int, best: Dict[str, Any],
+                       seconds: float, device: torch.device) -> None:
     """Everything the loop needs to continue after ``step`` as if it had not stopped (atomic write)."""
     atomic_save({"format": RESUME_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "step": int(step), "best": best,
-                 "rng_torch": torch.get_rng_state(), "train_seconds": float(seconds), "limit": limit,
-                 "config": cfg}, path)
+                 "rng": _rng_state(device), "train_seconds": float(seconds), "config": cfg}, path)
 
 
-def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: Optional["torch.amp.GradScaler"], cfg: Dict[str, Any], limit: Optional[int]
+def _resume(ckpt: Any, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: Optional["torch.amp.GradScaler"], cfg: Dict[str, Any], device: torch.device
             ) -> Tuple[int, Dict[str, Any], float]:
     """Restore :func:`_save_resume_state`'s state; returns ``(step, best record, training seconds so far)``."""
-    ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != RESUME_FORMAT:
-        raise ConfigError(f"{path}: not a VisionFM detection training state; move it away or use a new --output")
-    if ckpt.get("limit") != limit:
-        raise ConfigMismatchError(f"{path} was written with --limit {ckpt.get('limit')}, not {limit}: use a new "
-                                  f"--output for a new run")
+        earlier = isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("visionfm-det-train-")
+        raise ConfigError(f"{path}: not a detection training state of this version"
+                          f"{' (written before the config keys were renamed)' if earlier else ''}; move it away or "
+                          "use a new --output")
     changes = check_resumable(ckpt.get("config") or {}, cfg, path, bool(cfg["train"].get("resume_with_changes")))
     if changes:
         log.warning("resuming under a changed config: %s", changes)
     restart_from_checkpoint(ckpt, model=model, optimizer=optimizer)
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng_torch"])
+    _set_rng_state(ckpt["rng"], device)
     log.info("resuming %s after step %d (best validation so far: step %s)", path, ckpt["step"], ckpt["best"]["step"])
     return int(ckpt["step"]), dict(ckpt["best"]), float(ckpt.get("train_seconds", 0.0))
+
+
+def _refuse_earlier_layout(output: Path) -> None:
+    """A run folder of a version before the key rename cannot be continued: say so, rather than listing every
+    moved key as a difference of settings."""
+    path = output / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        earlier = load_yaml(path)
+    except ConfigError:
+        return  # write_run_config names the broken file
+    if isinstance(earlier.get("dataset"), dict) or "modality" in (earlier.get("model") or {}):
+        raise ConfigMismatchError(f"{output} holds a detection run of an earlier version (its config.yaml has "
+                                  f"{len(LEGACY_KEYS)} keys renamed since, such as dataset.name and "
+                                  "model.modality); it cannot be resumed. Use a new --output")
 
 
 def _json_ready(value: Any) -> Any:
@@ -281,8 +335,14 @@ def compiled_cuda_ops(model: torch.nn.Module) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- run
-def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int] = None) -> Dict[str, Any]:
-    """Train, select on validation, test. Returns (and writes) the metrics."""
+def train(cfg: Dict[str, Any], output: Path, data_root: Path) -> Dict[str, Any]:
+    """Train, select on validation, test. Returns (and writes) the metrics.
+
+    Args:
+        cfg: The merged config (``configs/det/default.yaml`` layout, :func:`.cli.config_from_args`).
+        output: The run folder (rank 0 writes it).
+        data_root: Where the datasets are.
+    """
     from mmengine.dataset import pseudo_collate  # noqa: PLC0415
 
     from .dataset import DetectionDataset, StepBatchSampler  # noqa: PLC0415
@@ -293,6 +353,7 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
     device = resolve_device(tc.get("device"))
     ctx = RunContext.start(device, output)  # rank 0 creates the run folder and alone writes into it
     if ctx.is_main:
+        _refuse_earlier_layout(output)
         write_run_config(cfg, output)
     select = str(ec["select"])
     if select not in SELECT_METRICS:
@@ -303,10 +364,10 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
     torch.manual_seed(seed)
     enable_tf32(device)  # two-stage detectors and evaluation run in fp32
 
-    splits, classes = load_records(cfg, data_root, limit)
+    splits, classes = load_records(cfg, data_root)
     if select == "within_1_8_dd" and splits["val"][0].point is None:
         raise ConfigError("eval.select=within_1_8_dd needs a point target (IDRiD od or fovea)")
-    channels = get_modality(cfg["model"]["modality"]).channels
+    channels = get_modality(cfg["modality"]).channels
     max_size = int(dc["max_size"])
     crop_size = None if dc.get("crop_size") is None else int(dc["crop_size"])
     datasets = {s: DetectionDataset(recs, classes, channels, max_size, train=(s == "train"), hflip=float(dc["hflip"]),
@@ -346,8 +407,15 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
         total = min(total, int(tc["max_steps"]))
     if total < 1:
         raise ConfigError(f"nothing to train: {total} steps")
-    optimizer = torch.optim.AdamW(_param_groups(model, float(oc["lr"]), float(oc["backbone_lr_mult"]),
-                                                float(oc["weight_decay"])), lr=float(oc["lr"]))
+    layer_decay = float(oc.get("layer_decay", 1.0))
+    if not 0.0 < layer_decay <= 1.0:
+        raise ConfigError(f"optim.layer_decay must be in (0, 1], got {layer_decay}")
+    optimizer = torch.optim.AdamW(param_groups(model, float(oc["lr"]), float(oc["backbone_lr_mult"]),
+                                               float(oc["weight_decay"]), layer_decay), lr=float(oc["lr"]))
+    if layer_decay != 1.0 and not cfg["model"].get("frozen"):
+        scales = sorted({round(g["lr_scale"], 6) for g in optimizer.param_groups})
+        log.info("layer-wise lr decay %g: lr x %s (heads x 1, backbone x %g x decay ** depth)", layer_decay,
+                 ", ".join(f"{v:g}" for v in scales), float(oc["backbone_lr_mult"]))
     # Under torchrun every rank takes its slice of a global batch of batch_size per rank (at most the training set).
     global_batch = min(int(oc["batch_size"]) * ctx.world_size, len(datasets["train"]))
     if global_batch < ctx.world_size:
@@ -363,8 +431,11 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
     eval_kw = dict(batch_size=int(ec["batch_size"]), amp_dtype=None, classwise=bool(ec["classwise"]))
 
     step, seconds_before = 0, 0.0
-    if resume_path.is_file():
-        step, best, seconds_before = _resume(resume_path, model, optimizer, scaler, cfg, limit)
+    # rank 0's state on every rank, also where only rank 0's disk holds it
+    state = load_on_every_rank(resume_path, safe_load)
+    if state is not None:
+        step, best, seconds_before = _resume(state, resume_path, model, optimizer, scaler, cfg, device)
+    del state
     start = step
     # Batches are a function of the step number (StepBatchSampler); the loader's own generator keeps its worker
     # seed from drawing on the global RNG, which the model's drop-path uses and a resumed run restores.
@@ -377,7 +448,7 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
     # (the final norm, blocks above the last out index) take no part in the loss: DDP must look for them.
     net = ctx.wrap(model, find_unused_parameters=True)
     loop = TrainLoop(ctx, total, "det train", writer, items_per_step=global_batch, log_every=int(tc["log_every"]),
-                     val_every=max(1, int(tc["eval_every"])),
+                     val_every=max(1, int(tc["eval_every"])), save_every=int(tc.get("checkpoint_every_steps") or 0),
                      hint="lower optim.lr or check the boxes of the training images")
 
     def train_step(index: int) -> Dict[str, Any]:
@@ -393,7 +464,7 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
         else:
             log.error("non-finite loss %s on the images %s", dict(log_vars), [s.img_path for s in data["data_samples"]])
         return {**{k: float(torch.as_tensor(v).detach()) for k, v in log_vars.items()},
-                "lr": optimizer.param_groups[0]["lr"]}
+                "lr": float(oc["lr"]) * float(schedule[index])}  # the heads' rate
 
     def validate(done: int) -> None:
         # mmdet's COCO metric needs every prediction in one place: rank 0 scores the validation split and the
@@ -416,8 +487,8 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
 
     def save(done: int) -> None:
         if ctx.is_main:
-            _save_resume_state(resume_path, model, optimizer, scaler, cfg, limit, done, best,
-                               seconds_before + time.perf_counter() - t_train)
+            _save_resume_state(resume_path, model, optimizer, scaler, cfg, done, best,
+                               seconds_before + time.perf_counter() - t_train, device)
 
     t_train = time.perf_counter()
     try:
@@ -443,8 +514,8 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
                          float(ec["draw_score_thr"]), always_top=point_target)
     metrics: Dict[str, Any] = dict(test)
     metrics.update({
-        "split": "test", "dataset": cfg["dataset"]["name"],
-        "target": cfg["dataset"]["target"] if str(cfg["dataset"]["name"]).lower() == "idrid" else None,
+        "split": "test", "dataset": cfg["dataset"],
+        "target": cfg["target"] if str(cfg["dataset"]).lower() == "idrid" else None,
         "classes": list(classes), "detector": cfg["model"]["detector"],
         "encoder": {"modality": info.modality, "arch": info.arch, "source": info.source,
                     "pretrained": info.pretrained},
@@ -456,48 +527,3 @@ def run(cfg: Dict[str, Any], output: Path, data_root: Path, limit: Optional[int]
     log.info("test: %s", ", ".join(f"{k} {v:.4g}" for k, v in test.items()))
     return ctx.broadcast(metrics)
 
-
-def build_predict_parser() -> argparse.ArgumentParser:
-    """``downstream/det.py predict``: boxes for a folder of new images with a trained ``best.pth``."""
-    from ...cli import output_folder, positive_int  # noqa: PLC0415
-    from ...inference.embed_cli import add_input_arguments  # noqa: PLC0415
-
-    parser = argparse.ArgumentParser(
-        prog="downstream/det.py predict",
-        description="Detect with a trained best.pth on every image of a folder (or CSV): <output>/boxes.csv (path, "
-                    "class, score, x1 y1 x2 y2 at the image's own resolution), boxes.json (per image) and <name>.png "
-                    "with the boxes drawn. Images are resized as in training (data.max_size of the checkpoint).")
-    parser.add_argument("--checkpoint", required=True, metavar="PATH", help="a best.pth written by downstream/det.py")
-    parser.add_argument("--output", default="runs/det_predict", metavar="DIR", type=output_folder,
-                        help="folder for boxes.csv, boxes.json and the PNGs")
-    parser.add_argument("--score-thr", type=float, default=None,
-                        help="keep and draw boxes with at least this score (default: the checkpoint's "
-                             "eval.draw_score_thr; the top box is always kept for the optic disc and the fovea)")
-    parser.add_argument("--batch-size", type=positive_int, default=2, help="images per forward pass")
-    add_input_arguments(parser)
-    return parser
-
-
-def _predict(argv: List[str]) -> int:
-    args = build_predict_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from .predict import predict_folder  # noqa: PLC0415
-
-    summary = predict_folder(args.checkpoint, args.images, args.output, resolve_device(args.device), args.limit,
-                             args.skip_corrupt, args.recursive, args.score_thr, args.batch_size)
-    print(json.dumps(summary))
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["predict"]:
-        return _predict(argv[1:])
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    flags = {"dataset.name": args.dataset, "dataset.target": args.target, "model.modality": args.modality,
-             "model.weights": args.weights, "model.random_init": args.random_init, "model.detector": args.detector,
-             "train.device": args.device, "train.seed": args.seed, "train.max_steps": args.max_steps}
-    cfg = build_config(DEFAULT_CONFIG, args.config, flags, args.overrides)
-    run(cfg, Path(args.output), resolve_data_root(args.data_root), args.limit)
-    return 0
