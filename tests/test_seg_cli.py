@@ -13,27 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from visionfm.models.vit import create_encoder
+from _seg_tiny import TINY, write_tiny_encoder
 from visionfm.tasks.segmentation.cli import main
-from visionfm.weights.export import save_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-# One thread: runs compared bit for bit (resume, eval-only) must sum in the same order, which a thread count
-# timed afresh by each run (train.threads=auto) does not guarantee.
-TINY = ["--crop-size", "64", "--batch-size", "2", "--set", "model.pyramid_channels=32", "--set",
-        "model.head_channels=16", "--set", "model.stem_channels=[8,16]", "--set", "model.blocks=[1,3,5,11]",
-        "--precision", "fp32", "--set", "train.threads=1"]
 
 
 @pytest.fixture(scope="module")
 def encoder_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "cfp_vit_tiny.safetensors"
-    save_encoder(create_encoder("vit_tiny", 16, 64).state_dict(), path,
-                 {"modality": "cfp", "arch": "vit_tiny", "patch_size": 16, "img_size": 64,
-                  "mean": [0.4, 0.3, 0.2], "std": [0.25, 0.2, 0.15]})
-    return path
+    return write_tiny_encoder(tmp_path_factory.mktemp("weights") / "cfp_vit_tiny.safetensors")
 
 
 def _vessel_image(rng, h=80, w=96):

@@ -7,29 +7,19 @@ import pytest
 import torch
 from PIL import Image
 
+from _seg_tiny import TINY, write_tiny_encoder
 from visionfm.engine.distributed import DistInfo
 from visionfm.engine.loading import loader_settings
 from visionfm.engine.loop import RunContext
-from visionfm.models.vit import create_encoder
 from visionfm.tasks.segmentation import runner
 from visionfm.tasks.segmentation.cli import main
 from visionfm.tasks.segmentation.data import (CropSampler, SegAugmentation, SharedImages, decode_images,
                                               decode_loader, load_dataset)
-from visionfm.weights.export import save_encoder
-
-TINY = ["--crop-size", "64", "--batch-size", "2", "--set", "model.pyramid_channels=32", "--set",
-        "model.head_channels=16", "--set", "model.stem_channels=[8,16]", "--set", "model.blocks=[1,3,5,11]",
-        "--precision", "fp32", "--set", "train.threads=1"]
 
 
 @pytest.fixture(scope="module")
 def encoder_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "cfp_vit_tiny.safetensors"
-    save_encoder(create_encoder("vit_tiny", 16, 64).state_dict(), path,
-                 {"modality": "cfp", "arch": "vit_tiny", "patch_size": 16, "img_size": 64,
-                  "mean": [0.4, 0.3, 0.2], "std": [0.25, 0.2, 0.15]})
-    return path
+    return write_tiny_encoder(tmp_path_factory.mktemp("weights") / "cfp_vit_tiny.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -15,40 +15,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from visionfm.models.vit import create_encoder
-from visionfm.weights.export import save_encoder
+from _seg_tiny import TINY, write_line_dataset, write_tiny_encoder
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--crop-size", "64", "--set", "model.pyramid_channels=32", "--set", "model.head_channels=16", "--set",
-        "model.stem_channels=[8,16]", "--set", "model.blocks=[1,3,5,11]", "--precision", "fp32", "--set",
-        "train.threads=1"]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """(tiny cfp encoder file, generic dataset folder of 5 training and 1 test image)."""
     base = tmp_path_factory.mktemp("inputs")
-    torch.manual_seed(0)
-    encoder = base / "cfp_vit_tiny.safetensors"
-    save_encoder(create_encoder("vit_tiny", 16, 64).state_dict(), encoder,
-                 {"modality": "cfp", "arch": "vit_tiny", "patch_size": 16, "img_size": 64,
-                  "mean": [0.4, 0.3, 0.2], "std": [0.25, 0.2, 0.15]})
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 5), ("test", 1)):
-        for i in range(n):
-            image = rng.integers(0, 120, (72, 80, 3), dtype=np.uint8)
-            truth = np.zeros((72, 80), bool)
-            truth[:, int(rng.integers(5, 75))] = truth[int(rng.integers(5, 67))] = True
-            image[truth] = (220, 200, 120)
-            for sub, arr in (("images", image), ("masks", truth.astype(np.uint8) * 255)):
-                (base / "lines" / split / sub).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(arr).save(base / "lines" / split / sub / f"{split}{i}.png")
-    return encoder, base / "lines"
+    return write_tiny_encoder(base / "cfp_vit_tiny.safetensors"), write_line_dataset(base / "lines", {"train": 5, "test": 1})
 
 
 def test_two_processes_train_as_one_with_the_doubled_batch(inputs, tmp_path):
