@@ -20,6 +20,14 @@ def test_overrides_parse_yaml_values_and_reject_unknown_keys():
         apply_overrides(cfg, ["optim.lr"])
 
 
+def test_override_text_with_a_colon_stays_text_and_braces_make_a_mapping():
+    cfg = {"export": {"data_description": None}, "data": {"clahe": None}}
+    apply_overrides(cfg, ["export.data_description=836 images: TVHL:oct,OCT_DME:train",
+                          "data.clahe={clip_limit: 3.0, grid: 4}"])
+    assert cfg["export"]["data_description"] == "836 images: TVHL:oct,OCT_DME:train"
+    assert cfg["data"]["clahe"] == {"clip_limit": 3.0, "grid": 4}
+
+
 def test_layering_order_default_experiment_flags_overrides(tmp_path):
     default = tmp_path / "default.yaml"
     default.write_text("a: 1\nb: 1\nc: 1\nd: 1\n")

@@ -117,7 +117,8 @@ def _typed_like(current: Any, value: Any, dotted: str) -> Any:
 
 
 def apply_overrides(cfg: Dict[str, Any], overrides: Iterable[str], strict: bool = True) -> Dict[str, Any]:
-    """Apply ``section.key=value`` strings; values are parsed as YAML (``1e-3``, ``true``, ``[1, 2]``).
+    """Apply ``section.key=value`` strings; values are parsed as YAML (``1e-3``, ``true``, ``[1, 2]``,
+    ``{a: 1}``); text with a colon that is not in braces stays text.
 
     With ``strict`` (the default) a key that is not already in the config is an error, which catches typos
     that would otherwise be silently ignored.
@@ -129,6 +130,9 @@ def apply_overrides(cfg: Dict[str, Any], overrides: Iterable[str], strict: bool 
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
+            value = raw
+        if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+            # "836 images: TVHL:oct" is a sentence, not a mapping; a mapping is written inline, {a: 1, b: 2}
             value = raw
         if isinstance(value, str):
             try:  # YAML 1.1 reads "1e-3" (no dot) as a string; users mean a number
