@@ -149,6 +149,35 @@ def test_imagefolder_without_val_holds_out_part_of_train(shared_data, tmp_path):
     assert "no val/" in data.notes[0]
 
 
+def test_carves_do_not_depend_on_how_the_data_root_is_spelled(tmp_path, monkeypatch):
+    """Images without a patient id are their own group, named by their path under the dataset: the same carve for
+    ``data/...`` and ``/abs/.../data/...`` (an absolute path once gave another EyeDisease4 evaluation split)."""
+    from visionfm.data.datasets.eyedisease4 import read_eyedisease4
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    rows = []
+    for c in ("cataract", "diabetic_retinopathy", "glaucoma", "normal"):
+        for i in range(12):
+            for folder in (data / "EyeDisease4" / "train" / c, data / "folder" / "train" / c):
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+            rows.append([f"folder/train/{c}/img{i}.png", c])
+        (data / "folder" / "test" / c).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(data / "folder" / "test" / c / "t.png")
+    _write_csv(data / "labels.csv", rows, ["Path", "Label"])
+    monkeypatch.chdir(tmp_path)
+
+    def splits(root):
+        return [{k: sorted(s.path.relative_to(root).as_posix() for s in v) for k, v in d.splits.items()}
+                for d in (read_eyedisease4(root), read_imagefolder(Path(root) / "folder", val_fraction=0.25),
+                          read_csv_dataset(Path(root) / "labels.csv", image_root=root))]
+
+    relative, absolute = splits(Path("data")), splits(data.resolve())
+    assert relative == absolute
+    assert all(len(d["val"]) > 0 for d in relative)
+
+
 def _write_csv(path, rows, header):
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)

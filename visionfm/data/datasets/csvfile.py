@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 from ..io import is_image_file
 from ..unlabeled import DataError
 from .imagefolder import order_class_names
-from .labeled import SPLITS, LabeledSample, LabeledSplits, check_files, grouped_split
+from .labeled import SPLITS, LabeledSample, LabeledSplits, check_files, grouped_split, own_group
 
 __all__ = ["read_csv_dataset"]
 
@@ -135,7 +135,7 @@ def read_csv_dataset(csv_path: "str | os.PathLike", image_root: "str | os.PathLi
             label = tuple(values)
         else:
             label = index[raw[i]]
-        group = (row.get(group_col) or "").strip() if group_col else None
+        group = (row.get(group_col) or "").strip() if group_col else own_group(path, root)
         if group_col and not group:
             raise DataError(f"{csv_path}:{line}: empty patient id in column {group_col!r}")
         samples.append(LabeledSample(path, label, group))

@@ -35,7 +35,7 @@ from typing import List, Optional
 
 from ..io import is_image_file
 from ..unlabeled import DataError
-from .labeled import LabeledSample, LabeledSplits, grouped_split
+from .labeled import LabeledSample, LabeledSplits, grouped_split, own_group
 
 __all__ = ["FOLDER", "CLASSES", "patient_of", "read_eyedisease4"]
 
@@ -90,7 +90,7 @@ def read_eyedisease4(data_root: "str | Path", eval_fraction: float = 0.2, select
                        and not f.name.startswith("."))
         if not files:
             raise DataError(f"{train_dir / name}: class folder holds no images")
-        samples.extend(LabeledSample(f, index, patient_of(f)) for f in files)
+        samples.extend(LabeledSample(f, index, patient_of(f) or own_group(f, train_dir)) for f in files)
     carved = grouped_split(samples, (1.0 - eval_fraction - selection_fraction, selection_fraction, eval_fraction),
                            seed)
     notes = [f"no val/ or test/ ships (the test split is held back): carved from {train_dir} by patient, "

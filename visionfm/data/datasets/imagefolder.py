@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..io import is_image_file
 from ..unlabeled import DataError
-from .labeled import SPLITS, LabeledSample, LabeledSplits, grouped_split
+from .labeled import SPLITS, LabeledSample, LabeledSplits, grouped_split, own_group
 
 __all__ = ["read_imagefolder", "order_class_names"]
 
@@ -113,7 +113,7 @@ def read_imagefolder(root: "str | os.PathLike", class_names: Optional[Sequence[s
         extra = [c for c in classes if c not in index]
         if extra:
             raise DataError(f"{dirs[split]}: class folder(s) {extra} do not exist under {dirs['train']}")
-        splits[split] = [LabeledSample(f, index[c]) for c, files in classes.items() for f in files]
+        splits[split] = [LabeledSample(f, index[c], own_group(f, root)) for c, files in classes.items() for f in files]
     notes = []
     if dirs["val"] is None:
         held = grouped_split(splits["train"], (1.0 - val_fraction, val_fraction, 0.0), seed)

@@ -31,7 +31,7 @@ from ...modalities import Modality, get_modality
 from ..io import ImageReadError, check_image, read_image
 from ..unlabeled import DataError, square_and_resize
 
-__all__ = ["SPLITS", "LABEL_KINDS", "LabeledSample", "LabeledSplits", "grouped_split", "limit_samples",
+__all__ = ["SPLITS", "LABEL_KINDS", "LabeledSample", "LabeledSplits", "own_group", "grouped_split", "limit_samples",
            "sample_shots", "check_files", "label_tensor", "targets_tensor", "LabeledImages"]
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,16 @@ class LabeledSplits:
                         "groups": len({s.group_key for s in self.splits[split]}),
                         **{name: n for name, n in zip(self.class_names, self.class_counts(split))}}
                 for split in SPLITS}
+
+
+def own_group(path: "str | Path", root: "str | Path") -> str:
+    """The group of an image that is its own group, named by its path under the dataset's ``root``, so that a carve
+    does not change with how the data root is spelled (``../shared/data`` or an absolute path)."""
+    path, root = Path(path), Path(root)
+    try:
+        return f"image:{path.relative_to(root).as_posix()}"
+    except ValueError:  # an absolute path outside the root (a CSV may name one): the path itself
+        return f"image:{path.as_posix()}"
 
 
 def _stratum(labels: Sequence[Label]) -> str:
