@@ -64,7 +64,9 @@ def test_sigkill_at_a_random_step_then_rerun_equals_an_uninterrupted_run(tmp_pat
     killed_at = _saved_step(out / "last.pth")
     context = f"(random seed {seed}: kill {delay:.2f} s after the state of step {after}; last saved {killed_at})"
     assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed {context}"
-    assert EVERY <= killed_at < STEPS, context
+    # killed_at == STEPS: the kill landed in the final test evaluation (a fast machine finishes the last steps
+    # within the delay); the rerun must then evaluate without training, which is a resume worth checking too
+    assert EVERY <= killed_at <= STEPS, context
     assert not (out / "metrics.json").exists(), context
 
     rerun = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
