@@ -272,3 +272,33 @@ def test_step_benchmark_prints_a_row_per_variant(capsys):
     assert rows["model.freeze_encoder=true"][1] == rows["base"][1]
     assert all(float(v) > 0 for row in rows.values() for v in row[2:5])
     assert torch.get_num_threads() == threads_before
+
+
+def test_validation_with_threshold_val_scores_at_the_best_threshold(encoder_file):
+    """``test.threshold: val``: checkpoints are compared by the validation Dice at its best threshold, the way the
+    test split is cut. A model whose foreground probabilities all lie under 0.5 (early in a short schedule) has
+    Dice 0 at 0.5 for every checkpoint, which made DRIVE's 200-step transfer row 0.000 for both encoders."""
+    from types import SimpleNamespace
+
+    from visionfm.engine.loop import RunContext
+    from visionfm.tasks.segmentation.data import LoadedImage
+    from visionfm.tasks.segmentation.runner import _pooled_validation
+
+    model, _ = build_segmentor(_cfg(encoder_file[0]))
+    with torch.no_grad():  # push every foreground probability under 0.5 (class 1 logit 1 below class 0)
+        model.decode_head.conv_seg.bias.copy_(torch.tensor([0.5, -0.5]))
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(2):
+        image = rng.integers(0, 120, (64, 64, 3), dtype=np.uint8)
+        mask = np.zeros((64, 64), bool)
+        mask[:, 10 + 20 * i] = mask[30] = True
+        image[mask] = 230
+        images.append(LoadedImage(SimpleNamespace(name=f"v{i}"), image, mask, np.ones_like(mask), (64, 64)))
+    ctx = RunContext(torch.device("cpu"))
+
+    at_half = _pooled_validation(model, images, 0.5, ctx, None)
+    assert at_half["threshold"] == 0.5 and at_half["dice"] == 0.0  # nothing above 0.5
+    best = _pooled_validation(model, images, None, ctx, None)
+    assert best["threshold"] < 0.5 and best["dice"] > 0.0
+    assert best["auc"] == at_half["auc"]  # threshold-free metrics do not move
