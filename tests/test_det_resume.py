@@ -19,7 +19,7 @@ from test_det_data import make_fake_idrid
 from test_det_model import TINY_MMDET
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, EVERY = 8, 2  # optim.steps and train.checkpoint_every_steps (validation every 4)
+STEPS, EVERY = 16, 2  # optim.steps and train.checkpoint_every_steps (validation every 8)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -29,7 +29,7 @@ def det_command(data_root: Path, output: Path) -> list:
             "--data-root", str(data_root), "--output", str(output), "--random-init", "--device", "cpu",
             "--set", "data.max_size=64", "--set", f"model.mmdet={mmdet}", "--set", "optim.batch_size=2",
             "--set", "data.val_count=2", "--set", "eval.pngs=0", "--set", f"optim.steps={STEPS}",
-            "--set", "train.eval_every=4", "--set", f"train.checkpoint_every_steps={EVERY}",
+            "--set", "train.eval_every=8", "--set", f"train.checkpoint_every_steps={EVERY}",
             # drop-path, flips and jitter on: the resumed run must restore the random streams and the data order
             "--set", "model.drop_path_rate=0.2", "--set", "data.hflip=0.5", "--set", "data.color_jitter=0.2"]
 
@@ -50,7 +50,9 @@ def test_sigkill_at_a_random_step_then_rerun_equals_an_uninterrupted_run(tmp_pat
     rng = random.Random()
     seed = rng.randrange(10**6)
     rng.seed(seed)
-    after, delay = rng.choice(range(EVERY, STEPS - EVERY + 1, EVERY)), rng.uniform(0.0, 1.0)
+    # at least 3 saves (6 steps, ~1.8 s here) stay ahead of the kill: a tiny step takes ~0.3 s, and a kill 0.62 s
+    # after step 6 of 8 once found the run already finished (CI)
+    after, delay = rng.choice(range(EVERY, STEPS - 3 * EVERY + 1, EVERY)), rng.uniform(0.0, 0.5)
     out = tmp_path / "killed"
     cmd = det_command(root, out)
     with open(tmp_path / "killed.log", "w") as log:
