@@ -186,6 +186,22 @@ def test_export_to_weights_dir_round_trips_through_load_encoder(tmp_path):
         torch.testing.assert_close(encoder.eval()(x), fp32.eval()(x), rtol=2e-2, atol=2e-2)  # fp16 storage
 
 
+def test_init_from_starts_student_and_teacher_from_an_exported_encoder(tmp_path):
+    DINOTrainer(tiny_pretrain_config(**{"train.max_steps": 2}), tmp_path / "first").train()
+    source = tmp_path / "first" / "encoder.safetensors"
+    trainer = DINOTrainer(tiny_pretrain_config(**{"train.max_steps": 1, "model.init_from": str(source)}),
+                          tmp_path / "second")
+    initialised = []
+    trainer._run_step = (lambda step, run=trainer._run_step: initialised.append(
+        tuple({k: v.clone() for k, v in net.backbone.state_dict().items()}
+              for net in (trainer.model.student, trainer.model.teacher)))
+        or run(step))
+    trainer.train()
+    student, teacher = initialised[0]  # the weights the first step started from
+    assert _max_diff(student, load_file(source)) == 0 and _max_diff(teacher, load_file(source)) == 0
+    assert read_metadata(tmp_path / "second" / "encoder.safetensors")["init_from"]["steps"] == 2
+
+
 def test_real_oct_images_grey_16bit_and_csv_sources(tmp_path, shared_data):
     oct_dir = shared_data / "OCT_AND_EYE_FUNDUS_DME_DR" / "OCT" / "OCT1"
     files = sorted(oct_dir.glob("*.jpg"))[:6]

@@ -204,3 +204,56 @@ def test_cli_help_explains_the_mae_flags():
     for flag in ("--mask-ratio", "--data", "--export-to", "--export", "--img-size", "--max-steps", "--set"):
         assert flag in result.stdout
     assert "strictly between 0 and 1" in " ".join(result.stdout.split())
+
+
+def test_init_from_continues_an_exported_encoder_at_a_larger_size(tmp_path):
+    """model.init_from (--init-from): a fresh run starts from an exported encoder, its position embedding resized
+    to the new crop size; the export records the starting file; a resumed run keeps that record and does not
+    re-initialise."""
+    first = tmp_path / "first"
+    MAETrainer(tiny_mae_config(**{"train.max_steps": 2}), first).train()
+    source = first / "encoder.safetensors"
+    start, _ = load_encoder("oct", weights=source, img_size=2 * SIZE)  # what the continued run must start from
+
+    second = tmp_path / "second"
+    cfg = tiny_mae_config(**{"train.max_steps": 1, "optim.lr": 0.0, "optim.min_lr": 0.0,
+                             "crops.global_size": 2 * SIZE, "data.load_size": 72, "model.init_from": str(source)})
+    trainer = MAETrainer(cfg, second)
+    trainer.train()  # one step at a zero learning rate: the export is the starting point itself
+    state = trainer.model.encoder.state_dict()
+    assert state["pos_embed"].shape[1] == 1 + (2 * SIZE // PATCH) ** 2
+    assert all(torch.equal(state[k], v) for k, v in start.state_dict().items())
+    meta = read_metadata(second / "encoder.safetensors")
+    record = meta["init_from"]
+    assert record["path"] == str(source) and record["steps"] == 2 and record["img_size"] == SIZE
+    assert record["sha256"] == __import__("hashlib").sha256(source.read_bytes()).hexdigest()
+    assert "continued from encoder.safetensors" in meta["data"] and meta["img_size"] == 2 * SIZE
+
+    # A resumed run keeps the record (from its checkpoint) and its trained weights, even with the file gone.
+    cfg = tiny_mae_config(**{"train.max_steps": 2, "crops.global_size": 2 * SIZE, "data.load_size": 72,
+                             "model.init_from": str(source)})
+    MAETrainer(cfg, tmp_path / "third").train()
+    trained = load_file(tmp_path / "third" / "encoder.safetensors")
+    source.rename(tmp_path / "moved.safetensors")
+    cfg["train"]["max_steps"] = 3
+    resumed = MAETrainer(cfg, tmp_path / "third")
+    resumed.train()
+    assert read_metadata(tmp_path / "third" / "encoder.safetensors")["init_from"]["path"] == str(source)
+    assert read_metadata(tmp_path / "third" / "encoder.safetensors")["steps"] == 3
+    assert not torch.equal(resumed.model.encoder.state_dict()["blocks.0.attn.qkv.weight"],
+                           trained["blocks.0.attn.qkv.weight"])  # it trained on from step 2
+
+
+def test_init_from_refuses_another_architecture_naming_the_file(tmp_path):
+    wrong = tmp_path / "small.safetensors"
+    from visionfm.weights.export import save_encoder
+
+    save_encoder(create_encoder("vit_small", PATCH, SIZE).state_dict(), wrong,
+                 {"format": "visionfm-encoder/1", "modality": "oct", "arch": "vit_small", "patch_size": PATCH,
+                  "img_size": SIZE})
+    trainer = MAETrainer(tiny_mae_config(**{"model.init_from": str(wrong)}), tmp_path / "run")
+    with pytest.raises(Exception, match="small.safetensors"):
+        trainer.train()
+    with pytest.raises(FileNotFoundError, match="no encoder file"):
+        MAETrainer(tiny_mae_config(**{"model.init_from": str(tmp_path / "absent.safetensors")}),
+                   tmp_path / "run2").train()

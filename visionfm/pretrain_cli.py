@@ -58,6 +58,11 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_output: str) -> N
     parser.add_argument("--export-to", metavar="DIR", default=None,
                         help="also export the encoder as DIR/<modality>_<arch>.safetensors (fp16) with an "
                              "index.json entry, e.g. --export-to weights/")
+    parser.add_argument("--init-from", metavar="FILE", default=None,
+                        help="start from an exported encoder (e.g. weights/cfp_vit_tiny.safetensors) instead of a "
+                             "random initialisation: continued pretraining on new data or at a higher resolution "
+                             "(the position embedding is resized). Used on a fresh run only; a resumed run continues "
+                             "from its checkpoint. The export records the file, its SHA-256 and what it saw")
     parser.add_argument("--export", action="store_true",
                         help="only export the encoder from the checkpoint in --output, without training")
     add_common_arguments(parser, default_output=default_output)
@@ -70,7 +75,7 @@ def shared_flags(args: argparse.Namespace, modality: str) -> dict:
         "data.skip_corrupt": args.skip_corrupt, "model.arch": args.arch, "model.patch_size": args.patch_size,
         "crops.global_size": args.img_size, "optim.epochs": args.epochs, "optim.batch_size": args.batch_size,
         "optim.lr": args.lr, "train.seed": args.seed, "train.device": args.device, "train.precision": args.precision,
-        "train.max_steps": args.max_steps, "export.to": args.export_to,
+        "train.max_steps": args.max_steps, "export.to": args.export_to, "model.init_from": args.init_from,
     }
 
 

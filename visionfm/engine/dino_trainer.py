@@ -108,6 +108,46 @@ def mask_config(cfg: Dict[str, Any]) -> MaskConfig:
                       min_block=int(ibot.get("min_block", 4)))
 
 
+def init_encoder_from(encoder: torch.nn.Module, path: "str | Path", modality: str, arch: str,
+                      img_size: int) -> Dict[str, Any]:
+    """Copy an exported encoder's weights into ``encoder`` (``model.init_from``: continued pretraining, for
+    example of a shipped 112-px encoder at a higher resolution, or on new data).
+
+    The file is read by :func:`visionfm.load_encoder` (safetensors, or a checkpoint it can map, loaded safely),
+    its position embedding resized to ``img_size``; every key must then map one to one onto ``encoder``.
+
+    Returns:
+        What the export records about the starting point: path, SHA-256, steps, objective, data, image size.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: another architecture or patch size, or keys that do not map exactly (the message names the file).
+    """
+    from ..weights.export import sha256_file
+    from ..weights.loader import load_encoder
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_from: no encoder file at {path}")
+    source, info = load_encoder(modality, path, arch=arch, img_size=img_size)
+    source_patch = source.patch_embed.patch_size[0]
+    target_patch = encoder.patch_embed.patch_size[0]
+    if source_patch != target_patch:
+        raise ValueError(f"model.init_from: {path} has {source_patch}-px patches, the run's encoder "
+                         f"{target_patch}-px (model.patch_size)")
+    state = source.state_dict()
+    expected = encoder.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"model.init_from: {path} does not map onto the run's {arch} encoder: missing "
+                         f"{missing or 'none'}, unexpected {unexpected or 'none'}, shape mismatches {shapes or 'none'}")
+    encoder.load_state_dict(state, strict=True)
+    meta = info.metadata or {}
+    return {"path": str(path), "sha256": sha256_file(path), "steps": meta.get("steps"),
+            "objective": meta.get("objective"), "data": meta.get("data"), "img_size": meta.get("img_size")}
+
+
 def param_groups(model: torch.nn.Module) -> List[Dict[str, Any]]:
     """Two groups as in DINO: weights with decay; biases, norm parameters (1-D tensors) and iBOT's mask token
     without."""
@@ -211,6 +251,8 @@ class DINOTrainer:
         self.step_in_epoch = 0
         self._batches: Optional[Any] = None  # the current epoch's loader iterator
         self._wait = {"steps": 0, "wait": 0.0, "busy": 0.0, "max_fraction": 0.0}
+        # Where the encoder started (model.init_from): set on a fresh run, restored from the checkpoint on a resume.
+        self.init_record: Optional[Dict[str, Any]] = None
 
     # ----------------------------------------------------------------------------------------- setup
     def _check_objective(self, cfg: Dict[str, Any]) -> str:
@@ -300,6 +342,24 @@ class DINOTrainer:
         self.global_batch = int(optim["batch_size"]) * self.dist.world_size
         self.schedules = DINOSchedules.build(optim, dino, self.epochs, self.steps_per_epoch, self.global_batch)
 
+    def _encoders(self) -> List[torch.nn.Module]:
+        """The ViT encoders ``model.init_from`` initialises: the student's and the teacher's backbones."""
+        return [self.model.student.backbone, self.model.teacher.backbone]
+
+    def _initialise_encoder(self) -> None:
+        """Start a fresh run from ``model.init_from`` (if set): every encoder of :meth:`_encoders` gets its weights."""
+        source = self.cfg["model"].get("init_from")
+        if not source:
+            return
+        encoders = self._encoders()
+        self.init_record = init_encoder_from(encoders[0], source, self.modality.name, self.cfg["model"]["arch"],
+                                             int(self.cfg["crops"]["global_size"]))
+        for other in encoders[1:]:
+            other.load_state_dict(encoders[0].state_dict(), strict=True)
+        if self.is_main:
+            log.info("encoder initialised from %s (%s steps of %s on: %s)", source, self.init_record["steps"],
+                     self.init_record["objective"], self.init_record["data"])
+
     def _fused_attention(self) -> bool:
         """``model.attention``: ``sdpa`` (fused ``F.scaled_dot_product_attention``), ``explicit``
         (``softmax(q k^T) v`` as two matmuls) or ``auto``: fused on GPUs, explicit on the CPU, where it measured
@@ -328,7 +388,7 @@ class DINOTrainer:
         read nothing of it and meet rank 0 in the next step's gradient all-reduce."""
         if self.is_main:
             state = self.state_dict(epoch, step_in_epoch, global_step)
-            state.update(world_size=self.dist.world_size, global_batch=self.global_batch)
+            state.update(world_size=self.dist.world_size, global_batch=self.global_batch, init_from=self.init_record)
             atomic_save(state, self.output / CHECKPOINT_NAME)
 
     def _load_checkpoint(self) -> Optional[Dict[str, Any]]:
@@ -339,6 +399,7 @@ class DINOTrainer:
         # rank 0 must not carry rank 0's GPU in its tensors.
         ckpt = load_on_every_rank(path, lambda p: safe_load(p, map_location="cpu"))
         if ckpt is not None:
+            self.init_record = ckpt.get("init_from")
             note = check_world_size(ckpt, self.dist.world_size, self.global_batch, path)
             if note and self.is_main:
                 log.warning("%s", note)
@@ -507,6 +568,8 @@ class DINOTrainer:
         self._build_data()
         self._build_model()
         position = self._maybe_resume()
+        if position["global_step"] == 0:
+            self._initialise_encoder()
         if self.is_main:
             write_run_config(self.cfg, self.output)
             log.info("modality %s | data: %s | %s, %d steps/epoch x %d epochs, global batch %d, %s on %s",
@@ -583,9 +646,20 @@ class DINOTrainer:
         return {"format": "visionfm-encoder/1", "modality": self.modality.name, "arch": cfg["model"]["arch"].split("_patch")[0],
                 "patch_size": int(cfg["model"]["patch_size"]), "img_size": int(cfg["crops"]["global_size"]),
                 "embed_dim": int(self.embed_dim), "mean": list(self.modality.mean), "std": list(self.modality.std),
-                "steps": int(global_step), "objective": self.objective, "data": self.data_description,
+                "steps": int(global_step), "objective": self.objective, **self._data_and_origin(),
                 "crops": self.crop_scheme(),
                 "timm_class": "timm.models.vision_transformer.VisionTransformer"}
+
+    def _data_and_origin(self) -> Dict[str, Any]:
+        """The exported ``data`` (everything the encoder saw: this run's images and, after ``model.init_from``,
+        the starting encoder's) and ``init_from`` (the starting file, its SHA-256, steps and data)."""
+        record = self.init_record
+        if not record:
+            return {"data": self.data_description}
+        name = Path(record["path"]).name
+        data = (f"{self.data_description}; continued from {name} ({record.get('steps')} {record.get('objective')} "
+                f"steps at {record.get('img_size')} px on: {record.get('data') or 'unrecorded data'})")
+        return {"data": data, "init_from": dict(record)}
 
     def crop_scheme(self) -> Dict[str, Any]:
         """What the encoder's crops were cut from and how (recorded in the exported metadata)."""

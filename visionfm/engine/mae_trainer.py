@@ -113,6 +113,10 @@ class MAETrainer(DINOTrainer):
         self.global_batch = int(optim["batch_size"]) * self.dist.world_size
         self.schedules = MAESchedules.build(optim, self.epochs, self.steps_per_epoch, self.global_batch)
 
+    def _encoders(self) -> List[torch.nn.Module]:
+        """The ViT encoder ``model.init_from`` initialises (the decoder starts fresh)."""
+        return [self.model.encoder]
+
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self, epoch: int, step_in_epoch: int, global_step: int) -> Dict[str, Any]:
         return {
