@@ -257,3 +257,19 @@ def test_init_from_refuses_another_architecture_naming_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no encoder file"):
         MAETrainer(tiny_mae_config(**{"model.init_from": str(tmp_path / "absent.safetensors")}),
                    tmp_path / "run2").train()
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs" / "pretrain").glob("*_vit_tiny*.yaml")))
+def test_shipped_mae_recipes_pass_the_checks_and_stage_two_starts_from_stage_one(recipe):
+    """Every encoder recipe in configs/pretrain merges over mae.yaml and passes the checks run before training; a
+    224-px stage starts from its stage-1 recipe's output folder."""
+    from visionfm.config import CONFIG_DIR, build_config
+    from visionfm.engine.mae_trainer import check_mae_config
+
+    cfg = build_config(CONFIG_DIR / "pretrain" / "mae.yaml", CONFIG_DIR / "pretrain" / recipe, {}, [])
+    assert check_mae_config(cfg) == 0.75
+    if recipe.endswith("_224.yaml"):
+        assert cfg["crops"]["global_size"] == 224
+        assert cfg["model"]["init_from"] == f"runs/{recipe[:-len('_224.yaml')]}/encoder.safetensors"
+    else:
+        assert cfg["model"]["init_from"] is None
