@@ -113,8 +113,8 @@ def init_encoder_from(encoder: torch.nn.Module, path: "str | Path", modality: st
     """Copy an exported encoder's weights into ``encoder`` (``model.init_from``: continued pretraining, for
     example of a shipped 112-px encoder at a higher resolution, or on new data).
 
-    The file is read by :func:`visionfm.load_encoder` (safetensors, or a checkpoint it can map, loaded safely),
-    its position embedding resized to ``img_size``; every key must then map one to one onto ``encoder``.
+    The file is read by :func:`visionfm.load_encoder` (safetensors, or a checkpoint it can map, loaded safely,
+    every key accounted for), its position embedding resized to ``img_size``, then loaded strictly.
 
     Returns:
         What the export records about the starting point: path, SHA-256, steps, objective, data, image size.
@@ -135,14 +135,10 @@ def init_encoder_from(encoder: torch.nn.Module, path: "str | Path", modality: st
     if source_patch != target_patch:
         raise ValueError(f"model.init_from: {path} has {source_patch}-px patches, the run's encoder "
                          f"{target_patch}-px (model.patch_size)")
-    state = source.state_dict()
-    expected = encoder.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    shapes = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"model.init_from: {path} does not map onto the run's {arch} encoder: missing "
-                         f"{missing or 'none'}, unexpected {unexpected or 'none'}, shape mismatches {shapes or 'none'}")
-    encoder.load_state_dict(state, strict=True)
+    try:
+        encoder.load_state_dict(source.state_dict(), strict=True)  # names every missing, unexpected or resized key
+    except RuntimeError as err:
+        raise ValueError(f"model.init_from: {path} does not load into the run's {arch} encoder: {err}") from None
     meta = info.metadata or {}
     return {"path": str(path), "sha256": sha256_file(path), "steps": meta.get("steps"),
             "objective": meta.get("objective"), "data": meta.get("data"), "img_size": meta.get("img_size")}
