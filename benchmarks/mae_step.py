@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from typing import List, Optional
@@ -24,16 +23,7 @@ import torch
 from visionfm.models.vit import create_encoder, set_fused_attention
 from visionfm.objectives.mae import MAELoss, MAEModel
 
-
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (``platform.processor()`` elsewhere)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from pretrain_step import machine  # the sibling benchmark's CPU / torch description (benchmarks/ is on sys.path)
 
 
 def step_seconds(size: int, dtype: Optional[torch.dtype], args: argparse.Namespace) -> float:
@@ -74,7 +64,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.arch}/"
+    host = machine()
+    print(f"{host['cpu']}, {host['threads']} threads, torch {host['torch']}, {args.arch}/"
           f"{args.patch_size}, batch {args.batch_size}, decoder {args.decoder_dim} x {args.decoder_depth}")
     print("| size | bf16 s/step | fp32 s/step | fp32 / bf16 | bf16 step / smallest size's |")
     print("|---|---|---|---|---|")
