@@ -31,9 +31,12 @@ from .heads import Standardize, build_head
 from .selection import Selector, resolve_select_metric, split_metrics
 from .task import ClassificationTask
 
-__all__ = ["ProbeConfig", "cosine_schedule", "train_probe"]
+__all__ = ["CLASS_WEIGHTS", "ProbeConfig", "cosine_schedule", "train_probe"]
 
 log = logging.getLogger(__name__)
+
+#: ``class_weight`` choices of the probe's loss.
+CLASS_WEIGHTS = ("none", "balanced")
 
 
 @dataclass
@@ -50,6 +53,7 @@ class ProbeConfig:
     hidden_dim: int = 512
     dropout: float = 0.0
     standardize_prior: float = 10.0
+    class_weight: str = "none"  # none | balanced (multi-class: every class the same total weight in the loss)
     max_steps: Optional[int] = None  # per weight decay candidate
 
 
@@ -121,6 +125,9 @@ def train_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, 
     n = train_x.shape[0]
     if n == 0:
         raise ValueError("no training features")
+    if cfg.class_weight not in CLASS_WEIGHTS:
+        raise ValueError(f"class_weight must be one of {', '.join(CLASS_WEIGHTS)}, got {cfg.class_weight!r}")
+    weights = task.balanced_class_weights(train_y) if cfg.class_weight == "balanced" else None
     norm = Standardize.fit(train_x, prior=cfg.standardize_prior)
     batch = min(cfg.batch_size, n)
     steps_per_epoch = math.ceil(n / batch)
@@ -148,7 +155,7 @@ def train_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, 
             idx = epoch_order[0][start:start + batch]
             for group in opt.param_groups:
                 group["lr"] = float(lrs[index])
-            loss = task.loss(head(xt[idx]), yt[idx])
+            loss = task.loss(head(xt[idx]), yt[idx], weights)
             value = float(loss.detach())
             if math.isfinite(value):  # a NaN stops the loop (NonFiniteLossError) before the head is updated
                 opt.zero_grad(set_to_none=True)
@@ -161,7 +168,7 @@ def train_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, 
             head.eval()
             with torch.no_grad():
                 logits = head(xv).cpu()
-            val_loss = float(task.loss(logits, yv))
+            val_loss = float(task.loss(logits, yv, weights))
             val = split_metrics(task, task.probabilities(logits), yv)
             info = {"weight_decay": float(wd), "epoch": epoch, "step": done}
             local.offer(val, val_loss, info)
@@ -181,7 +188,7 @@ def train_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, 
     best = build_head(cfg.head, train_x.shape[1], task, cfg.hidden_dim, cfg.dropout, copy.deepcopy(norm))
     best.load_state_dict(selector.state)
     best.eval()
-    selection = {"select_metric": metric, **selector.best, "candidates": candidates,
+    selection = {"select_metric": metric, **selector.best, "class_weight": cfg.class_weight, "candidates": candidates,
                  "steps_per_candidate": total}
     return best, selection
 

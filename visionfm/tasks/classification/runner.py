@@ -146,6 +146,7 @@ class ClassificationExperiment:
                                 weight_decays=[float(w) for w in cfg["weight_decays"]],
                                 hidden_dim=int(model.get("hidden_dim", 512)), dropout=float(model.get("dropout", 0.0)),
                                 standardize_prior=float(cfg.get("standardize_prior", 10.0)),
+                                class_weight=str(cfg.get("class_weight") or "none"),
                                 max_steps=self.cfg["train"].get("max_steps"))
         val, test = self.data.splits["val"], self.data.splits["test"]
         head, selection = train_probe(self.features(train), targets_tensor(train), self.features(val),

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -67,15 +67,38 @@ class ClassificationTask:
             return (targets[:, None] > thresholds[None, :]).float()
         return (1.0 - targets.float().cumsum(dim=1))[:, :-1].clamp(0.0, 1.0)
 
-    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def balanced_class_weights(self, targets: Tensor) -> Tensor:
+        """``(C,)`` weights ``n / (C * n_c)`` of the training targets' classes (scikit-learn's ``balanced``), so
+        every class carries the same total weight in the loss: the loss then matches balanced accuracy on
+        imbalanced data (EyeDisease4 has 2.7x more diabetic retinopathy than glaucoma images).
+
+        Raises:
+            ValueError: The task is not multi-class, or a class has no training target.
+        """
+        if self.kind != "multiclass":
+            raise ValueError(f"balanced class weights apply to multi-class tasks only (task kind {self.kind})")
+        counts = torch.bincount(targets.long().flatten().cpu(), minlength=self.num_classes).double()
+        missing = [name for name, c in zip(self.class_names, counts.tolist()) if c == 0]
+        if missing:
+            raise ValueError(f"balanced class weights: no training image of class {', '.join(missing)}")
+        return (counts.sum() / (self.num_classes * counts)).float()
+
+    def loss(self, logits: Tensor, targets: Tensor, class_weights: Optional[Tensor] = None) -> Tensor:
         """Mean loss of a batch.
 
         Args:
             logits: ``(N, out_dim)`` head outputs.
             targets: ``(N,)`` class indices, ``(N, C)`` soft class targets (mixup/cutmix), or ``(N, L)`` 0/1
                 (soft after mixup) for multi-label.
+            class_weights: Optional ``(C,)`` per-class weights of the cross-entropy (multi-class only; see
+                :meth:`balanced_class_weights`): the weighted mean, as ``F.cross_entropy`` takes it.
         """
         logits = logits.float()
+        if class_weights is not None:
+            if self.kind != "multiclass" or targets.ndim != 1:
+                raise ValueError(f"class weights apply to multi-class hard targets only (task kind {self.kind})")
+            return F.cross_entropy(logits, targets, weight=class_weights.to(logits.device, torch.float32),
+                                   label_smoothing=self.label_smoothing)
         if self.kind == "multilabel":
             return F.binary_cross_entropy_with_logits(logits, targets.float())
         if self.kind == "ordinal":
