@@ -13,7 +13,7 @@ Rows (``visionfm/evaluation/transfer.py`` describes each protocol):
   from its training folder by patient, stratified, seed 0; selection on a further 15 % carve), fundus DME linear
   probe (test AUROC, held-out patients of OCT_DME), DRIVE vessels with ``configs/seg/drive_target.yaml`` cut to
   200 steps, no test-time flips (test Dice pooled over images and mean per-image AUC, inside the FOV).
-* ``--modality oct``: OCT DME linear probe (test AUROC, held-out patients), 5-shot probe (5 draws, mean ± sd),
+* ``--modality oct``: OCT DME linear probe (test AUROC, held-out patients), 5-shot probe (20 draws, mean ± sd),
   ``configs/cls/oct_dme_finetune.yaml`` cut to 10 epochs (test AUROC).
 
 Columns: pretrained, random init (same architecture, patch size, image size and normalisation, timm's initial
