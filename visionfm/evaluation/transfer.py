@@ -65,8 +65,8 @@ from ..tasks.classification.selection import Selector, split_metrics
 from ..weights import load_encoder, save_encoder
 from .paired import BootstrapResult, metric_difference, paired_bootstrap
 
-__all__ = ["ENCODERS", "LAST_BLOCKS", "POOL", "Budget", "FULL", "QUICK", "Row", "SuiteContext", "TASKS", "make_random_twin",
-           "classification_rows", "segmentation_rows", "run_transfer_suite", "format_table"]
+__all__ = ["ENCODERS", "LAST_BLOCKS", "POOL", "Budget", "FULL", "QUICK", "Row", "SuiteContext", "TASKS",
+           "make_random_twin", "classification_rows", "segmentation_rows", "run_transfer_suite", "format_table"]
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,8 @@ def _frozen_experiments(ctx: SuiteContext, dataset: str, **flags: Any) -> Dict[s
         cfg = build_config(CONFIG_DIR / "cls" / "default.yaml", None, {
             "dataset": dataset, "modality": ctx.modality, "mode": "linear", "data.root": str(ctx.data_root),
             "data.limit": ctx.budget.limit, "model.weights": ctx.encoders[encoder], "model.random_init": False,
-            "model.pool": POOL, "model.last_blocks": LAST_BLOCKS, "train.seed": ctx.seed, "train.device": ctx.device, **flags})
+            "model.pool": POOL, "model.last_blocks": LAST_BLOCKS, "train.seed": ctx.seed,
+            "train.device": ctx.device, **flags})
         experiments[encoder] = ClassificationExperiment(cfg)
     _same_items({e: x.data.splits["test"] for e, x in experiments.items()}, dataset)
     return experiments
