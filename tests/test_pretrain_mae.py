@@ -261,15 +261,18 @@ def test_init_from_refuses_another_architecture_naming_the_file(tmp_path):
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs" / "pretrain").glob("*_vit_tiny*.yaml")))
 def test_shipped_mae_recipes_pass_the_checks_and_stage_two_starts_from_stage_one(recipe):
-    """Every encoder recipe in configs/pretrain merges over mae.yaml and passes the checks run before training; a
-    224-px stage starts from its stage-1 recipe's output folder."""
+    """Every encoder recipe in configs/pretrain merges over mae.yaml and passes the checks run before training.
+    Stage 1 is ``<modality>_vit_tiny.yaml`` and starts from scratch; a later stage (``_224``, ``_long``) starts
+    from its stage-1 recipe's output folder."""
     from visionfm.config import CONFIG_DIR, build_config
     from visionfm.engine.mae_trainer import check_mae_config
 
     cfg = build_config(CONFIG_DIR / "pretrain" / "mae.yaml", CONFIG_DIR / "pretrain" / recipe, {}, [])
     assert check_mae_config(cfg) == 0.75
-    if recipe.endswith("_224.yaml"):
-        assert cfg["crops"]["global_size"] == 224
-        assert cfg["model"]["init_from"] == f"runs/{recipe[:-len('_224.yaml')]}/encoder.safetensors"
+    stage_one, _, stage = recipe[:-len(".yaml")].partition("_vit_tiny")
+    if stage:
+        assert cfg["model"]["init_from"] == f"runs/{stage_one}_vit_tiny/encoder.safetensors"
     else:
         assert cfg["model"]["init_from"] is None
+    if stage == "_224":
+        assert cfg["crops"]["global_size"] == 224
