@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from _seg_tiny import TINY, write_tiny_encoder
+from conftest import SHARED_DATA as SHARED
 from visionfm.tasks.segmentation.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="module")

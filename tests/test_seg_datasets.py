@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import SHARED_DATA as SHARED
 from visionfm.data.datasets.chase import load_chase
 from visionfm.data.datasets.drive import load_drive
 from visionfm.data.datasets.generic_seg import (DatasetNotFoundError, fov_from_image, load_generic, match_by_stem,
@@ -16,7 +17,6 @@ from visionfm.data.datasets.idrid_seg import TARGETS, list_pairs, load_idrid_seg
 from visionfm.data.datasets.stare import load_stare
 from visionfm.data.io import ImageReadError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_drive = pytest.mark.skipif(not (SHARED / "DRIVE").is_dir(), reason="../shared/data/DRIVE not present")
 needs_idrid = pytest.mark.skipif(not (SHARED / "IDRiD").is_dir(), reason="../shared/data/IDRiD not present")
 
