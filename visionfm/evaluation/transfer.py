@@ -8,12 +8,12 @@ Tasks (each a row group of the table; ``FULL`` budget in brackets):
 
 ``cfp``
     * ``EyeDisease4 linear probe`` and ``EyeDisease4 k-NN``: frozen features (class token + mean patch token
-      of the last block: :data:`LAST_BLOCKS`), extracted once per encoder and shared by both; the probe's
-      loss weights the classes for balanced accuracy (``class_weight: balanced``). Evaluated on a 20 % split
-      carved from ``train/`` by patient, stratified by class, seed 0 (the release's test split is held back);
-      probe weight decay and epoch, and k of k-NN, are chosen on a further 15 % selection carve, so the
-      reported split is never used to choose anything (:mod:`visionfm.data.datasets.eyedisease4`). Balanced
-      accuracy and macro AUROC.
+      of the last block), extracted once per encoder and shared by both; the probe's loss weights the
+      classes for balanced accuracy (``class_weight: balanced``). Evaluated on a 20 % split carved from
+      ``train/`` by patient, stratified by class, seed 0 (the release's test split is held back); probe weight
+      decay and epoch, and k of k-NN, are chosen on a further 15 % selection carve, so the reported split is
+      never used to choose anything (:mod:`visionfm.data.datasets.eyedisease4`). Balanced accuracy and macro
+      AUROC.
     * ``fundus DME linear probe``: OCT_DME's fundus photographs, DME yes/no, trained on the patient-level
       train split, selected on val, test AUROC on held-out patients.
     * ``DRIVE vessels``: ``configs/seg/drive_target.yaml`` (UNETR head, fine-tuned encoder) on the short
@@ -58,28 +58,25 @@ from ..data.datasets.labeled import LabeledSample, sample_shots, targets_tensor
 from ..metrics import classification_metrics, to_jsonable
 from ..modalities import get_modality
 from ..tasks.classification.knn import knn_scores
-from ..tasks.classification.features import feature_dim
 from ..tasks.classification.probe import ProbeConfig, train_probe
 from ..tasks.classification.runner import ClassificationExperiment
 from ..tasks.classification.selection import Selector, split_metrics
 from ..weights import load_encoder, save_encoder
 from .paired import BootstrapResult, metric_difference, paired_bootstrap
 
-__all__ = ["ENCODERS", "LAST_BLOCKS", "POOL", "Budget", "FULL", "QUICK", "Row", "SuiteContext", "TASKS",
-           "make_random_twin", "classification_rows", "segmentation_rows", "run_transfer_suite", "format_table"]
+__all__ = ["ENCODERS", "Budget", "FULL", "QUICK", "Row", "SuiteContext", "TASKS", "make_random_twin",
+           "classification_rows", "segmentation_rows", "run_transfer_suite", "format_table"]
 
 log = logging.getLogger(__name__)
 
 #: The two encoders every task compares, in table order.
 ENCODERS = ("pretrained", "random_init")
-#: Probe features: class token and mean patch token (as the DME probe configs use) of each of the last
-#: :data:`LAST_BLOCKS` blocks, concatenated; k-NN uses the last block's pair only (DINO's k-NN: one output), a
-#: slice of the same cached features. DINO's linear evaluation of ViT-S concatenates 4 blocks; for the shipped
+#: Probe and k-NN features: class token and mean patch token of the last block, as the DME probe configs use.
+#: DINO's linear evaluation of ViT-S concatenates the last 4 blocks (``model.last_blocks``); for the shipped
 #: encoders (2026-12-06, machine (C)) 4 blocks moved the OCT probe 0.891 -> 0.906 and the EyeDisease4 probe
 #: 0.738 -> 0.734 (class-balanced), and lowered the fundus DME probe 0.929 -> 0.923 (its CI then touched zero):
 #: no consistent gain, so the suite keeps the last block.
 POOL = "cls+mean"
-LAST_BLOCKS = 1
 
 
 @dataclass(frozen=True)
@@ -254,8 +251,7 @@ def _frozen_experiments(ctx: SuiteContext, dataset: str, **flags: Any) -> Dict[s
         cfg = build_config(CONFIG_DIR / "cls" / "default.yaml", None, {
             "dataset": dataset, "modality": ctx.modality, "mode": "linear", "data.root": str(ctx.data_root),
             "data.limit": ctx.budget.limit, "model.weights": ctx.encoders[encoder], "model.random_init": False,
-            "model.pool": POOL, "model.last_blocks": LAST_BLOCKS, "train.seed": ctx.seed,
-            "train.device": ctx.device, **flags})
+            "model.pool": POOL, "train.seed": ctx.seed, "train.device": ctx.device, **flags})
         experiments[encoder] = ClassificationExperiment(cfg)
     _same_items({e: x.data.splits["test"] for e, x in experiments.items()}, dataset)
     return experiments
@@ -278,7 +274,6 @@ def _probe_scores(experiment: ClassificationExperiment, train: Sequence[LabeledS
     with torch.no_grad():
         probs = experiment.task.probabilities(head(experiment.features(test)))
     chosen = {k: selection[k] for k in ("weight_decay", "epoch", "val_auroc", "class_weight")}
-    chosen["feature_dim"] = int(experiment.features(train).shape[1])
     return probs.numpy(), chosen
 
 
@@ -286,21 +281,15 @@ def _knn_scores(experiment: ClassificationExperiment, ks: Sequence[int],
                 temperature: float = 0.07) -> Tuple[np.ndarray, Dict[str, Any]]:
     """Test scores of DINO's weighted k-NN over the training features, k chosen on ``val`` by AUROC."""
     splits, task = experiment.data.splits, experiment.task
-    width = feature_dim(experiment.encoder, POOL)  # the last block's pair: the trailing columns of the cache
-
-    def features(samples: Sequence[LabeledSample]) -> torch.Tensor:
-        return experiment.features(samples)[:, -width:]
-
-    bank, bank_targets = features(splits["train"]), targets_tensor(splits["train"])
-    val_x, val_y = features(splits["val"]), targets_tensor(splits["val"])
+    bank, bank_targets = experiment.features(splits["train"]), targets_tensor(splits["train"])
+    val_x, val_y = experiment.features(splits["val"]), targets_tensor(splits["val"])
     selector = Selector("auroc")
     for k in dict.fromkeys(min(int(k), len(splits["train"])) for k in ks):
         probs = knn_scores(bank, bank_targets, val_x, task, k, temperature)
         selector.offer(split_metrics(task, probs, val_y), None, {"k": k})
     k = selector.best["k"]
-    probs = knn_scores(bank, bank_targets, features(splits["test"]), task, k, temperature)
-    return probs.numpy(), {"k": k, "val_auroc": selector.best["val_auroc"], "temperature": temperature,
-                           "feature_dim": width}
+    probs = knn_scores(bank, bank_targets, experiment.features(splits["test"]), task, k, temperature)
+    return probs.numpy(), {"k": k, "val_auroc": selector.best["val_auroc"], "temperature": temperature}
 
 
 def _test_targets(experiment: ClassificationExperiment) -> np.ndarray:
