@@ -260,19 +260,21 @@ def test_init_from_refuses_another_architecture_naming_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs" / "pretrain").glob("*_vit_tiny*.yaml")))
-def test_shipped_mae_recipes_pass_the_checks_and_stage_two_starts_from_stage_one(recipe):
+def test_shipped_mae_recipes_pass_the_checks_and_each_stage_starts_from_the_one_before(recipe):
     """Every encoder recipe in configs/pretrain merges over mae.yaml and passes the checks run before training.
-    Stage 1 is ``<modality>_vit_tiny.yaml`` and starts from scratch; a later stage (``_224``, ``_long``) starts
-    from its stage-1 recipe's output folder."""
+    Stage 1 is ``<modality>_vit_tiny.yaml`` and starts from scratch; a later stage adds a suffix (``_224``,
+    ``_long``, ``_224_long``) and starts from the output folder of the recipe without its last suffix."""
     from visionfm.config import CONFIG_DIR, build_config
     from visionfm.engine.mae_trainer import check_mae_config
 
     cfg = build_config(CONFIG_DIR / "pretrain" / "mae.yaml", CONFIG_DIR / "pretrain" / recipe, {}, [])
     assert check_mae_config(cfg) == 0.75
-    stage_one, _, stage = recipe[:-len(".yaml")].partition("_vit_tiny")
-    if stage:
-        assert cfg["model"]["init_from"] == f"runs/{stage_one}_vit_tiny/encoder.safetensors"
+    name = recipe[:-len(".yaml")]
+    stages = name.partition("_vit_tiny")[2]
+    if stages:
+        previous = name.rsplit("_", 1)[0]
+        assert cfg["model"]["init_from"] == f"runs/{previous}/encoder.safetensors"
     else:
         assert cfg["model"]["init_from"] is None
-    if stage == "_224":
+    if "_224" in stages:
         assert cfg["crops"]["global_size"] == 224
