@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,7 @@ from visionfm.data.datasets.labeled import (LabeledImages, LabeledSample, groupe
 from visionfm.data.datasets.oct_fundus import read_records
 from visionfm.data.io import ImageReadError
 from visionfm.data.unlabeled import DataError
+from visionfm.modalities import get_modality
 from visionfm.tasks.classification.data import read_oct_dme
 
 
@@ -257,3 +259,20 @@ def test_labeled_images_square_by_the_modality_rule(tmp_path):
     cfp_x, _ = LabeledImages([LabeledSample(path, 0)], "cfp", 12, (0.0,) * 3, (1.0,) * 3)[0]
     assert oct_x[:, :, 0].mean() > 0.9 and oct_x[:, :, -1].mean() < 0.1
     assert cfp_x.max() < 0.1  # the central square does not reach the band
+
+
+def test_labeled_images_mirror(tmp_path):
+    """``mirror=True`` gives each image flipped left-right (a probe's mirrored training copies), and is refused
+    for a modality that does not allow horizontal flips."""
+    arr = np.zeros((32, 32, 3), np.uint8)
+    arr[:, :8] = 255  # a bright band at the left edge only
+    path = tmp_path / "left.png"
+    Image.fromarray(arr).save(path)
+    plain = LabeledImages([LabeledSample(path, 0)], "cfp", 16, (0.5,) * 3, (0.25,) * 3)[0][0]
+    mirrored = LabeledImages([LabeledSample(path, 0)], "cfp", 16, (0.5,) * 3, (0.25,) * 3, mirror=True)[0][0]
+    assert plain[:, :, 0].mean() > plain[:, :, -1].mean()
+    assert torch.equal(mirrored, plain.flip(-1))
+    no_hflip = dataclasses.replace(get_modality("cfp"), augment=dataclasses.replace(get_modality("cfp").augment,
+                                                                                   hflip=False))
+    with pytest.raises(ValueError, match="horizontal flips"):
+        LabeledImages([LabeledSample(path, 0)], no_hflip, 16, (0.5,) * 3, (0.25,) * 3, mirror=True)

@@ -87,6 +87,20 @@ def test_linear_probe_oct_dme(shared_data, tiny_weights, tmp_path, capsys):
     assert saved["class_names"] == ["no DME", "DME"] and "head" in saved
 
 
+def test_probe_with_mirrored_training_images(shared_data, tiny_weights, tmp_path, capsys):
+    """``linear.mirror_train``: the probe trains on each training image and its mirror (twice the batches per
+    epoch), while validation and test images are not mirrored (their counts stay)."""
+    steps = {}
+    for mirror in (False, True):
+        out = tmp_path / f"mirror_{mirror}"
+        m = _run(["--dataset", "OCT_DME", "--modality", "oct", "--mode", "linear", "--data-root", str(shared_data),
+                  "--weights", str(tiny_weights), "--limit", "12", "--set", "linear.batch_size=4",
+                  "--set", f"linear.mirror_train={str(mirror).lower()}", "--output", str(out)], capsys)
+        steps[mirror] = m["selection"]["steps_per_candidate"]
+        assert m["val"]["n"] == m["data"]["splits"]["val"]["images"]
+    assert steps == {False: 4 * 3, True: 4 * 6}  # linear.epochs=4 (QUICK), 12 and 24 rows in batches of 4
+
+
 def test_mlp_probe_on_dr_grades_with_shots(shared_data, tiny_weights, tmp_path, capsys):
     out = tmp_path / "mlp"
     m = _run(["--dataset", "OCT_DME", "--modality", "oct", "--task", "dr", "--mode", "linear", "--head", "mlp",
@@ -120,6 +134,27 @@ def test_finetune_with_mixup_cutmix(shared_data, tiny_weights, tmp_path, capsys)
     assert sel["steps"] == 3 and len(sel["history"]) == 2 and sel["epoch"] in (1, 2)
     saved = safe_load(out / "model.pt")
     assert any(k.startswith("encoder.blocks.1.") for k in saved["model"]) and saved["kind"] == "multiclass"
+
+
+def test_finetune_from_a_probe(shared_data, tiny_weights, tmp_path, capsys):
+    """LP-FT on real OCT images: the probe is selected on validation, and fine-tuning starts from its logits
+    (the first validation of a one-step run with lr 0 equals the probe's)."""
+    out = tmp_path / "lpft"
+    m = _run(["--dataset", "OCT_DME", "--modality", "oct", "--mode", "finetune", "--data-root", str(shared_data),
+              "--weights", str(tiny_weights), "--limit", "8", "--max-steps", "1", "--batch-size", "4",
+              "--epochs", "1", "--set", "finetune.head_init=probe", "--set", "finetune.lr=0",
+              "--set", "finetune.min_lr=0", "--set", "finetune.warmup_epochs=0", "--set", "finetune.augment=false",
+              "--set", "finetune.drop_path=0", "--output", str(out)], capsys)
+    _check_outputs(out, m)
+    probe = m["selection"]["head_init_probe"]
+    assert probe["select_metric"] == "auroc" and len(probe["candidates"]) == 5
+    first = m["selection"]["history"][0]
+    assert first["val_auroc"] == pytest.approx(probe["val_auroc"], abs=1e-6)
+    assert first["val_loss"] == pytest.approx(probe["val_loss"], abs=1e-4)
+    rc = main(["--dataset", "OCT_DME", "--modality", "oct", "--mode", "finetune", "--data-root", str(shared_data),
+               "--weights", str(tiny_weights), "--limit", "8", "--set", "finetune.head_init=lp",
+               "--output", str(tmp_path / "bad")])
+    assert rc == 1 and "finetune.head_init must be one of random, probe" in capsys.readouterr().err
 
 
 def test_imagefolder_and_csv_datasets(shared_data, tiny_weights, tmp_path, capsys):

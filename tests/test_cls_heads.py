@@ -11,7 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from visionfm.tasks.classification.features import extract_features, feature_dim, pooled_features
 from visionfm.tasks.classification.finetune import EncoderClassifier, finetune_param_groups
-from visionfm.tasks.classification.heads import OrdinalOutput, Standardize, build_head
+from visionfm.tasks.classification.heads import OrdinalOutput, Standardize, build_head, load_probe_into_head
 from visionfm.tasks.classification.knn import knn_scores
 from visionfm.tasks.classification.probe import ProbeConfig, cosine_schedule, train_probe
 from visionfm.tasks.classification.selection import Selector, resolve_select_metric
@@ -174,3 +174,30 @@ def test_layer_decay_groups():
     assert decay_of[id(vit.pos_embed)] == 0.0 and decay_of[id(vit.cls_token)] == 0.0
     assert decay_of[id(vit.blocks[0].norm1.weight)] == 0.0 and decay_of[id(model.head[-1].bias)] == 0.0
     assert decay_of[id(vit.blocks[0].mlp.fc1.weight)] == 0.05 and decay_of[id(model.head[-1].weight)] == 0.05
+
+
+@pytest.mark.parametrize("kind, task", [("linear", BINARY), ("mlp", BINARY), ("linear", GRADES), ("mlp", LABELS)])
+def test_probe_folds_into_finetuning_head(kind, task):
+    """LP-FT: the fine-tuning head (no standardisation, dropout where asked) starts with the probe's logits."""
+    torch.manual_seed(0)
+    features = torch.randn(40, 16) * torch.linspace(0.1, 5.0, 16) + torch.linspace(-3.0, 3.0, 16)
+    probe = build_head(kind, 16, task, hidden_dim=8, standardize=Standardize.fit(features))
+    for p in probe.parameters():  # a trained-looking probe, not the near-zero start
+        torch.nn.init.normal_(p)
+    head = build_head(kind, 16, task, hidden_dim=8, dropout=0.3, init_std=2e-5).eval()
+    before = head(features)
+    load_probe_into_head(probe, head)
+    assert not torch.allclose(before, probe(features), atol=1e-3)
+    assert torch.allclose(head(features), probe(features), atol=1e-4)
+    assert not any(isinstance(m, Standardize) for m in head)
+
+
+def test_probe_into_head_refuses_mismatches():
+    features = torch.randn(10, 16)
+    probe = build_head("linear", 16, BINARY, standardize=Standardize.fit(features))
+    with pytest.raises(ValueError, match="do not match"):
+        load_probe_into_head(probe, build_head("mlp", 16, BINARY, hidden_dim=8))
+    with pytest.raises(ValueError, match="Standardize"):
+        load_probe_into_head(build_head("linear", 16, BINARY), build_head("linear", 16, BINARY))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_probe_into_head(probe, build_head("linear", 32, BINARY))

@@ -251,14 +251,19 @@ class LabeledImages(Dataset):
         size: Side length.
         mean, std: Normalisation (3 values each), normally ``EncoderInfo.mean``/``std``.
         cache: Decode each image once and keep it (as ``uint8``) in memory.
+        mirror: Give every image flipped left-right (a probe's mirrored training copies); only for modalities
+            that allow horizontal flips.
     """
 
     def __init__(self, samples: Sequence[LabeledSample], modality: "Modality | str", size: int,
-                 mean: Sequence[float], std: Sequence[float], cache: bool = True) -> None:
+                 mean: Sequence[float], std: Sequence[float], cache: bool = True, mirror: bool = False) -> None:
         if not samples:
             raise DataError("no labelled images given")
         self.samples = list(samples)
         self.modality = get_modality(modality)
+        if mirror and not self.modality.augment.hflip:
+            raise ValueError(f"modality {self.modality.name!r} does not allow horizontal flips; no mirrored images")
+        self.mirror = bool(mirror)
         self.size = int(size)
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(list(std), dtype=torch.float32).view(3, 1, 1)
@@ -293,6 +298,8 @@ class LabeledImages(Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         image = self._cache[index] if self._cache is not None else self._load(index)
         image = (image.float() / 255.0 - self.mean) / self.std
+        if self.mirror:
+            image = image.flip(-1)
         return image, self.target(index)
 
 

@@ -32,10 +32,14 @@ from .features import pooled_features
 from .selection import Selector, resolve_select_metric, split_metrics
 from .task import ClassificationTask
 
-__all__ = ["FinetuneConfig", "EncoderClassifier", "train_augmentation", "predict_logits", "finetune_param_groups",
+__all__ = ["HEAD_INITS", "FinetuneConfig", "EncoderClassifier", "train_augmentation", "predict_logits", "finetune_param_groups",
            "finetune"]
 
 log = logging.getLogger(__name__)
+
+#: How the head starts: ``random`` (truncated normal of ``head_init_std``, MAE/RETFound's near-zero start) or
+#: ``probe`` (a linear probe on the frozen encoder's features first: LP-FT).
+HEAD_INITS = ("random", "probe")
 
 
 @dataclass

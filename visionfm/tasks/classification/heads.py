@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .task import ClassificationTask
 
-__all__ = ["HEADS", "Standardize", "OrdinalOutput", "build_head"]
+__all__ = ["HEADS", "Standardize", "OrdinalOutput", "build_head", "load_probe_into_head"]
 
 HEADS = ("linear", "mlp")
 
@@ -101,3 +101,39 @@ def build_head(head: str, in_dim: int, task: ClassificationTask, hidden_dim: int
         nn.init.zeros_(out.bias)
     layers.append(out)
     return nn.Sequential(*layers)
+
+
+def _fold(layer: nn.Module, norm: Standardize) -> None:
+    """Rewrite ``layer`` (applied to standardised features) in place so that it takes raw features:
+    ``W (x - m) / s + b = (W / s) x + (b - (W / s) m)``."""
+    linear = layer.linear if isinstance(layer, OrdinalOutput) else layer
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"cannot fold a feature standardisation into {type(layer).__name__}")
+    with torch.no_grad():
+        linear.weight.div_(norm.std)
+        shift = linear.weight @ norm.mean
+        if isinstance(layer, OrdinalOutput):  # the shared projection has no bias; the grade biases take the shift
+            layer.bias.sub_(shift)
+        else:
+            linear.bias.sub_(shift)
+
+
+def load_probe_into_head(probe: nn.Sequential, head: nn.Sequential) -> nn.Sequential:
+    """Initialise a fine-tuning ``head`` from a probe trained on frozen features of the same pooling (LP-FT).
+
+    The probe starts with a :class:`Standardize`; it is folded into the probe's first layer, so ``head`` keeps
+    its own structure (no standardisation) and gives the probe's logits on the features it was fitted on. Both
+    heads must be of the same kind (``linear`` or ``mlp``); dropout layers of ``head`` carry no parameters and
+    are skipped. Returns ``head``, modified in place.
+    """
+    if not isinstance(probe[0], Standardize):
+        raise ValueError("the probe must start with its feature standardisation (a Standardize layer)")
+    source = [m for m in probe[1:] if not isinstance(m, nn.Dropout)]
+    target = [m for m in head if not isinstance(m, (nn.Dropout, Standardize))]
+    if [type(m) for m in source] != [type(m) for m in target]:
+        raise ValueError(f"probe layers {[type(m).__name__ for m in source]} do not match the head's "
+                         f"{[type(m).__name__ for m in target]}")
+    for src, dst in zip(source, target):
+        dst.load_state_dict(src.state_dict())  # strict: same shapes and keys, or an error naming them
+    _fold(target[0], probe[0])
+    return head

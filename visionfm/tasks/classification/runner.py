@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -35,9 +36,9 @@ from ...metrics import evaluate_split, plot_confusion_matrix, plot_roc_curves, t
 from ...modalities import get_modality
 from ...weights.loader import WeightsNotFoundError, load_encoder, resolve_weights
 from .data import canonical_dataset, load_classification_data
-from .features import FeatureCache, feature_dim
-from .finetune import EncoderClassifier, FinetuneConfig, finetune, predict_logits
-from .heads import build_head
+from .features import FeatureCache, extract_features, feature_dim
+from .finetune import HEAD_INITS, EncoderClassifier, FinetuneConfig, finetune, predict_logits
+from .heads import build_head, load_probe_into_head
 from .knn import knn_scores
 from .probe import ProbeConfig, train_probe
 from .selection import Selector, resolve_select_metric, split_metrics
@@ -91,6 +92,11 @@ class ClassificationExperiment:
         self.features = FeatureCache(self.encoder, self.make_dataset, model.get("pool", "cls"),
                                      int(model.get("last_blocks", 1)), int(cfg["data"].get("batch_size", 64)),
                                      self.device, self.amp_dtype, self.num_workers)
+        # the left-right mirror of each image, for probes trained on both (``linear.mirror_train``)
+        self.mirrored_features = FeatureCache(self.encoder, functools.partial(self.make_dataset, mirror=True),
+                                              model.get("pool", "cls"), int(model.get("last_blocks", 1)),
+                                              int(cfg["data"].get("batch_size", 64)), self.device, self.amp_dtype,
+                                              self.num_workers)
         self._image_sets: Dict[Tuple[str, ...], LabeledImages] = {}
         for split in SPLITS:
             counts = self.data.class_counts(split)
@@ -120,9 +126,21 @@ class ClassificationExperiment:
             log.info("random-init baseline with the shape of %s", weights)
         return encoder, info
 
-    def make_dataset(self, samples: Sequence[LabeledSample], cache: bool = False) -> LabeledImages:
-        """Encoder-ready images of some samples (size and normalisation from the encoder)."""
-        return LabeledImages(samples, self.modality, self.img_size, self.info.mean, self.info.std, cache=cache)
+    def make_dataset(self, samples: Sequence[LabeledSample], cache: bool = False,
+                     mirror: bool = False) -> LabeledImages:
+        """Encoder-ready images of some samples (size and normalisation from the encoder), optionally mirrored."""
+        return LabeledImages(samples, self.modality, self.img_size, self.info.mean, self.info.std, cache=cache,
+                             mirror=mirror)
+
+    def probe_training_set(self, train: Sequence[LabeledSample]) -> Tuple[Tensor, Tensor]:
+        """Frozen features and targets a probe trains on: ``train``'s, and with ``linear.mirror_train`` also
+        those of each image's left-right mirror (twice the rows; validation and test stay unmirrored)."""
+        x, y = self.features(train), targets_tensor(train)
+        if not self.cfg["linear"].get("mirror_train", False):
+            return x, y
+        if not self.modality.augment.hflip:
+            raise ValueError(f"linear.mirror_train: modality {self.modality.name!r} does not allow horizontal flips")
+        return torch.cat([x, self.mirrored_features(train)]), torch.cat([y, y])
 
     def _cached_images(self, samples: Sequence[LabeledSample]) -> LabeledImages:
         key = tuple(str(s.path) for s in samples)
@@ -138,20 +156,24 @@ class ClassificationExperiment:
 
     # -- modes --------------------------------------------------------------------------------------------
 
-    def _run_linear(self, train: List[LabeledSample], seed: int, writer) -> Tuple[Tensor, Tensor, Dict, Dict]:
+    def _probe_config(self, dropout: Optional[float] = None) -> ProbeConfig:
+        """The ``linear`` section (and the head's shape from ``model``) as a :class:`ProbeConfig`."""
         cfg, model = self.cfg["linear"], self.cfg["model"]
-        probe_cfg = ProbeConfig(head=model.get("head", "linear"), epochs=int(cfg["epochs"]), lr=float(cfg["lr"]),
-                                min_lr=float(cfg.get("min_lr", 0.0)), warmup_epochs=int(cfg.get("warmup_epochs", 0)),
-                                batch_size=int(cfg["batch_size"]),
-                                weight_decays=[float(w) for w in cfg["weight_decays"]],
-                                hidden_dim=int(model.get("hidden_dim", 512)), dropout=float(model.get("dropout", 0.0)),
-                                standardize_prior=float(cfg.get("standardize_prior", 10.0)),
-                                class_weight=str(cfg.get("class_weight") or "none"),
-                                max_steps=self.cfg["train"].get("max_steps"))
+        return ProbeConfig(head=model.get("head", "linear"), epochs=int(cfg["epochs"]), lr=float(cfg["lr"]),
+                           min_lr=float(cfg.get("min_lr", 0.0)), warmup_epochs=int(cfg.get("warmup_epochs", 0)),
+                           batch_size=int(cfg["batch_size"]), weight_decays=[float(w) for w in cfg["weight_decays"]],
+                           hidden_dim=int(model.get("hidden_dim", 512)),
+                           dropout=float(model.get("dropout", 0.0)) if dropout is None else dropout,
+                           standardize_prior=float(cfg.get("standardize_prior", 10.0)),
+                           class_weight=str(cfg.get("class_weight") or "none"),
+                           max_steps=self.cfg["train"].get("max_steps"))
+
+    def _run_linear(self, train: List[LabeledSample], seed: int, writer) -> Tuple[Tensor, Tensor, Dict, Dict]:
+        model = self.cfg["model"]
+        probe_cfg = self._probe_config()
         val, test = self.data.splits["val"], self.data.splits["test"]
-        head, selection = train_probe(self.features(train), targets_tensor(train), self.features(val),
-                                      targets_tensor(val), self.task, probe_cfg, self.select_metric, seed,
-                                      self.device, writer)
+        head, selection = train_probe(*self.probe_training_set(train), self.features(val), targets_tensor(val),
+                                      self.task, probe_cfg, self.select_metric, seed, self.device, writer)
         with torch.no_grad():
             val_probs = self.task.probabilities(head(self.features(val)))
             test_probs = self.task.probabilities(head(self.features(test)))
@@ -192,6 +214,10 @@ class ClassificationExperiment:
         head = build_head(model_cfg.get("head", "linear"), feature_dim(encoder, pool, 1), self.task,
                           int(model_cfg.get("hidden_dim", 512)), float(model_cfg.get("dropout", 0.0)),
                           init_std=cfg.get("head_init_std"))
+        head_init = str(cfg.get("head_init") or "random")
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"finetune.head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
+        probe_selection = self._probe_into_head(encoder, pool, train, seed, head) if head_init == "probe" else None
         model = EncoderClassifier(encoder, head, pool)
         ft_cfg = FinetuneConfig(epochs=int(cfg["epochs"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
                                 min_lr=float(cfg["min_lr"]), warmup_epochs=int(cfg["warmup_epochs"]),
@@ -209,11 +235,33 @@ class ClassificationExperiment:
         model, selection = finetune(model, self._cached_images(train), val_set, self.task, ft_cfg, self.modality,
                                     self.img_size, self.device, self.amp_dtype, self.use_scaler,
                                     self.select_metric, seed, writer, resume_path=resume_path, ctx=ctx)
+        if probe_selection is not None:
+            selection["head_init_probe"] = probe_selection
         batch = int(self.cfg["data"].get("batch_size", 64))
         val_logits, _ = predict_logits(model, val_set, batch, self.device, self.amp_dtype, ctx)
         test_logits, _ = predict_logits(model, test_set, batch, self.device, self.amp_dtype, ctx)
         state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "pool": pool}
         return self.task.probabilities(val_logits), self.task.probabilities(test_logits), selection, state
+
+    def _probe_into_head(self, encoder: torch.nn.Module, pool: str, train: List[LabeledSample], seed: int,
+                         head: torch.nn.Sequential) -> Dict[str, Any]:
+        """LP-FT (Kumar et al., ICLR 2022): train a probe on the frozen encoder's features of ``train`` (the
+        ``linear`` section's recipe, selected on the validation split) and start ``head`` from it, so fine-tuning
+        does not begin by pushing a random head's gradients into the pretrained features. Returns what the
+        probe selection chose."""
+        batch = int(self.cfg["data"].get("batch_size", 64))
+        val = self.data.splits["val"]
+        features = {}
+        for name, samples in (("train", train), ("val", val)):
+            features[name], _ = extract_features(encoder, self._cached_images(samples), pool, 1, batch, self.device,
+                                                 self.amp_dtype, self.num_workers)
+        probe, selection = train_probe(features["train"], targets_tensor(train), features["val"], targets_tensor(val),
+                                       self.task, self._probe_config(dropout=0.0), self.select_metric, seed,
+                                       self.device)
+        load_probe_into_head(probe.cpu(), head)
+        chosen = {k: v for k, v in selection.items() if k != "history"}
+        log.info("LP-FT: head initialised from a linear probe (%s)", chosen)
+        return chosen
 
     # -- one run ------------------------------------------------------------------------------------------
 
