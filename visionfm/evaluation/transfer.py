@@ -9,7 +9,8 @@ Tasks (each a row group of the table; ``FULL`` budget in brackets):
 ``cfp``
     * ``EyeDisease4 linear probe`` and ``EyeDisease4 k-NN``: frozen features (class token + mean patch token
       of the last block), extracted once per encoder and shared by both; the probe's loss weights the
-      classes for balanced accuracy (``class_weight: balanced``). Evaluated on a 20 % split carved from
+      classes for balanced accuracy (``class_weight: balanced``) and it also trains on the features of each
+      training image's left-right mirror (``linear.mirror_train``; k-NN does not). Evaluated on a 20 % split carved from
       ``train/`` by patient, stratified by class, seed 0 (the release's test split is held back); probe weight
       decay and epoch, and k of k-NN, are chosen on a further 15 % selection carve, so the reported split is
       never used to choose anything (:mod:`visionfm.data.datasets.eyedisease4`). Balanced accuracy and macro
@@ -269,7 +270,7 @@ def _probe_scores(experiment: ClassificationExperiment, train: Sequence[LabeledS
     chosen on the ``val`` split by AUROC; and what was chosen."""
     val, test = experiment.data.splits["val"], experiment.data.splits["test"]
     cfg = ProbeConfig(epochs=budget.probe_epochs, weight_decays=budget.weight_decays, class_weight=class_weight)
-    head, selection = train_probe(experiment.features(train), targets_tensor(train), experiment.features(val),
+    head, selection = train_probe(*experiment.probe_training_set(train), experiment.features(val),
                                   targets_tensor(val), experiment.task, cfg, "auroc", seed, experiment.device)
     with torch.no_grad():
         probs = experiment.task.probabilities(head(experiment.features(test)))
@@ -298,7 +299,9 @@ def _test_targets(experiment: ClassificationExperiment) -> np.ndarray:
 
 def eyedisease4_frozen(ctx: SuiteContext) -> Tuple[List[Row], Dict[str, Any]]:
     """EyeDisease4 linear probe and k-NN on one feature extraction per encoder (balanced accuracy, AUROC)."""
-    experiments = _frozen_experiments(ctx, "EyeDisease4")
+    # the probe also trains on each training image's left-right mirror (fundus photographs of left and right eyes
+    # mirror each other): on the selection carve, seeds 0-2, balanced accuracy 0.793 -> 0.810 (2026-12-06, (B))
+    experiments = _frozen_experiments(ctx, "EyeDisease4", **{"linear.mirror_train": True})
     probe, knn, details = {}, {}, {}
     for encoder, experiment in experiments.items():
         # balanced class weights: the headline metric is balanced accuracy and the classes are imbalanced
