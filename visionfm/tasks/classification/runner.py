@@ -246,9 +246,10 @@ class ClassificationExperiment:
     def _probe_into_head(self, encoder: torch.nn.Module, pool: str, train: List[LabeledSample], seed: int,
                          head: torch.nn.Sequential) -> Dict[str, Any]:
         """LP-FT (Kumar et al., ICLR 2022): train a probe on the frozen encoder's features of ``train`` (the
-        ``linear`` section's recipe, selected on the validation split) and start ``head`` from it, so fine-tuning
-        does not begin by pushing a random head's gradients into the pretrained features. Returns what the
-        probe selection chose."""
+        ``linear`` section's optimiser, grid and class weights, selected on the validation split; unmirrored
+        images only) and start ``head`` from it, so fine-tuning does not begin by pushing a random head's
+        gradients into the pretrained features. Every process of a ``torchrun`` job trains the same probe (same
+        weights, images and seed). Returns what the probe selection chose."""
         batch = int(self.cfg["data"].get("batch_size", 64))
         val = self.data.splits["val"]
         features = {}
@@ -259,9 +260,10 @@ class ClassificationExperiment:
                                        self.task, self._probe_config(dropout=0.0), self.select_metric, seed,
                                        self.device)
         load_probe_into_head(probe.cpu(), head)
-        chosen = {k: v for k, v in selection.items() if k != "history"}
-        log.info("LP-FT: head initialised from a linear probe (%s)", chosen)
-        return chosen
+        metric = selection["select_metric"]
+        log.info("LP-FT: head initialised from a linear probe (weight decay %s, epoch %s, val %s %s)",
+                 selection.get("weight_decay"), selection.get("epoch"), metric, selection.get(f"val_{metric}"))
+        return selection
 
     # -- one run ------------------------------------------------------------------------------------------
 
