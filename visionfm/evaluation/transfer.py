@@ -10,11 +10,11 @@ Tasks (each a row group of the table; ``FULL`` budget in brackets):
     * ``EyeDisease4 linear probe`` and ``EyeDisease4 k-NN``: frozen features (class token + mean patch token
       of the last block), extracted once per encoder and shared by both; the probe's loss weights the
       classes for balanced accuracy (``class_weight: balanced``) and it also trains on the features of each
-      training image's left-right mirror (``linear.mirror_train``; k-NN does not). Evaluated on a 20 % split carved from
-      ``train/`` by patient, stratified by class, seed 0 (the release's test split is held back); probe weight
-      decay and epoch, and k of k-NN, are chosen on a further 15 % selection carve, so the reported split is
-      never used to choose anything (:mod:`visionfm.data.datasets.eyedisease4`). Balanced accuracy and macro
-      AUROC.
+      training image's left-right mirror (``linear.mirror_train``; k-NN does not). Evaluated on a 20 % split
+      carved from ``train/`` by patient, stratified by class, seed 0 (the release's test split is held back);
+      probe weight decay and epoch, and k of k-NN, are chosen on a further 15 % selection carve, so the
+      reported split is never used to choose anything (:mod:`visionfm.data.datasets.eyedisease4`). Balanced
+      accuracy and macro AUROC.
     * ``fundus DME linear probe``: OCT_DME's fundus photographs, DME yes/no, trained on the patient-level
       train split, selected on val, test AUROC on held-out patients.
     * ``DRIVE vessels``: ``configs/seg/drive_target.yaml`` (UNETR head, fine-tuned encoder) on the short

@@ -32,8 +32,8 @@ from .features import pooled_features
 from .selection import Selector, resolve_select_metric, split_metrics
 from .task import ClassificationTask
 
-__all__ = ["HEAD_INITS", "FinetuneConfig", "EncoderClassifier", "train_augmentation", "predict_logits", "finetune_param_groups",
-           "finetune"]
+__all__ = ["HEAD_INITS", "FinetuneConfig", "EncoderClassifier", "train_augmentation", "predict_logits",
+           "finetune_param_groups", "finetune"]
 
 log = logging.getLogger(__name__)
 

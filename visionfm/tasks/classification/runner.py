@@ -89,14 +89,13 @@ class ClassificationExperiment:
         self.encoder, self.info = self._load_encoder(drop_path=0.0)
         self.img_size = self.info.img_size
         model = cfg["model"]
-        self.features = FeatureCache(self.encoder, self.make_dataset, model.get("pool", "cls"),
-                                     int(model.get("last_blocks", 1)), int(cfg["data"].get("batch_size", 64)),
-                                     self.device, self.amp_dtype, self.num_workers)
+        cache = functools.partial(FeatureCache, self.encoder, pool=model.get("pool", "cls"),
+                                  last_blocks=int(model.get("last_blocks", 1)),
+                                  batch_size=int(cfg["data"].get("batch_size", 64)), device=self.device,
+                                  amp_dtype=self.amp_dtype, num_workers=self.num_workers)
+        self.features = cache(self.make_dataset)
         # the left-right mirror of each image, for probes trained on both (``linear.mirror_train``)
-        self.mirrored_features = FeatureCache(self.encoder, functools.partial(self.make_dataset, mirror=True),
-                                              model.get("pool", "cls"), int(model.get("last_blocks", 1)),
-                                              int(cfg["data"].get("batch_size", 64)), self.device, self.amp_dtype,
-                                              self.num_workers)
+        self.mirrored_features = cache(functools.partial(self.make_dataset, mirror=True))
         self._image_sets: Dict[Tuple[str, ...], LabeledImages] = {}
         for split in SPLITS:
             counts = self.data.class_counts(split)
@@ -138,9 +137,7 @@ class ClassificationExperiment:
         x, y = self.features(train), targets_tensor(train)
         if not self.cfg["linear"].get("mirror_train", False):
             return x, y
-        if not self.modality.augment.hflip:
-            raise ValueError(f"linear.mirror_train: modality {self.modality.name!r} does not allow horizontal flips")
-        return torch.cat([x, self.mirrored_features(train)]), torch.cat([y, y])
+        return torch.cat([x, self.mirrored_features(train)]), torch.cat([y, y])  # LabeledImages checks the modality
 
     def _cached_images(self, samples: Sequence[LabeledSample]) -> LabeledImages:
         key = tuple(str(s.path) for s in samples)
