@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -136,21 +137,33 @@ def test_finetune_with_mixup_cutmix(shared_data, tiny_weights, tmp_path, capsys)
     assert any(k.startswith("encoder.blocks.1.") for k in saved["model"]) and saved["kind"] == "multiclass"
 
 
-def test_finetune_from_a_probe(shared_data, tiny_weights, tmp_path, capsys):
+def test_finetune_from_a_probe(shared_data, tiny_weights, tmp_path, capsys, caplog):
     """LP-FT on real OCT images: the probe is selected on validation, and fine-tuning starts from its logits
-    (the first validation of a one-step run with lr 0 equals the probe's)."""
+    (the first validation of a one-step run with lr 0 equals the probe's); a rerun resumes without a new probe."""
     out = tmp_path / "lpft"
-    m = _run(["--dataset", "OCT_DME", "--modality", "oct", "--mode", "finetune", "--data-root", str(shared_data),
-              "--weights", str(tiny_weights), "--limit", "8", "--max-steps", "1", "--batch-size", "4",
-              "--epochs", "1", "--set", "finetune.head_init=probe", "--set", "finetune.lr=0",
-              "--set", "finetune.min_lr=0", "--set", "finetune.warmup_epochs=0", "--set", "finetune.augment=false",
-              "--set", "finetune.drop_path=0", "--output", str(out)], capsys)
+    args = ["--dataset", "OCT_DME", "--modality", "oct", "--mode", "finetune", "--data-root", str(shared_data),
+            "--weights", str(tiny_weights), "--limit", "8", "--max-steps", "1", "--batch-size", "4",
+            "--epochs", "1", "--set", "finetune.head_init=probe", "--set", "finetune.lr=0",
+            "--set", "finetune.min_lr=0", "--set", "finetune.warmup_epochs=0", "--set", "finetune.augment=false",
+            "--set", "finetune.drop_path=0", "--output", str(out),
+            # fp32: under bf16 autocast the fine-tuned head's matmul rounds, the probe's (on cached features) not
+            "--precision", "fp32"]
+    m = _run(args, capsys)
     _check_outputs(out, m)
     probe = m["selection"]["head_init_probe"]
     assert probe["select_metric"] == "auroc" and len(probe["candidates"]) == 5
     first = m["selection"]["history"][0]
     assert first["val_auroc"] == pytest.approx(probe["val_auroc"], abs=1e-6)
     assert first["val_loss"] == pytest.approx(probe["val_loss"], abs=1e-4)
+    # rerunning the command resumes from the finished run's state: the head comes from it, no probe is trained,
+    # and the probe's record is the stored one
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = _run(args, capsys)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("LP-FT: resuming from") for m in messages), messages
+    assert not any(m.startswith("LP-FT: head initialised") for m in messages)
+    assert again["selection"]["head_init_probe"] == probe
     rc = main(["--dataset", "OCT_DME", "--modality", "oct", "--mode", "finetune", "--data-root", str(shared_data),
                "--weights", str(tiny_weights), "--limit", "8", "--set", "finetune.head_init=lp",
                "--output", str(tmp_path / "bad")])

@@ -164,7 +164,8 @@ def finetune(model: EncoderClassifier, train_set: Dataset, val_set: Dataset, tas
              cfg: FinetuneConfig, modality: "Modality | str", img_size: int, device: torch.device,
              amp_dtype: Optional[torch.dtype] = None, use_scaler: bool = False, select_metric: str = "auto",
              seed: int = 0, writer=None, resume_path: "Optional[str | Path]" = None,
-             ctx: Optional[RunContext] = None) -> Tuple[EncoderClassifier, Dict[str, Any]]:
+             ctx: Optional[RunContext] = None,
+             extra: Optional[Dict[str, Any]] = None) -> Tuple[EncoderClassifier, Dict[str, Any]]:
     """Fine-tune ``model`` on :class:`~visionfm.engine.loop.TrainLoop` and return it with the weights of the best
     validation epoch loaded.
 
@@ -175,6 +176,9 @@ def finetune(model: EncoderClassifier, train_set: Dataset, val_set: Dataset, tas
     Under ``torchrun`` (``ctx``) each rank trains on its share of global batches of ``cfg.batch_size`` images per
     rank (the learning rate scales with the global batch), validates its share of the validation split (the logits
     are gathered), and rank 0 alone writes the state.
+
+    ``extra`` records what the caller did to ``model`` before fine-tuning (LP-FT's probe selection): it is written
+    into the resume state and merged into the returned selection; a resumed run returns the stored record.
 
     Returns:
         ``(model, selection)`` with the chosen epoch, step, validation metric and loss, and the per-epoch
@@ -219,6 +223,7 @@ def finetune(model: EncoderClassifier, train_set: Dataset, val_set: Dataset, tas
         resumed = _restore(resume_path, model, optimizer, scaler, selector, gen)
         start, done_in_epoch = resumed["step"], resumed["batches_done"]
         run.update(history=resumed["history"], running=resumed["running"], seen=resumed["seen"])
+        extra = resumed.get("extra", extra)
         log.info("resuming fine-tuning from %s at step %d (epoch %d, batch %d)", resume_path, start,
                  resumed["epoch"] + 1, done_in_epoch)
         if done_in_epoch:  # the same order as before the interruption, minus what was trained
@@ -285,7 +290,8 @@ def finetune(model: EncoderClassifier, train_set: Dataset, val_set: Dataset, tas
                      "history": _plain(run["history"]), "step": done, "epoch": epoch, "batches_done": batches_done,
                      "running": run["running"], "seen": run["seen"],
                      "epoch_generator": gen.get_state() if end_of_epoch else run["epoch_generator"],
-                     "rng_torch": torch.get_rng_state(), "rng_numpy": _numpy_state()}, resume_path)
+                     "rng_torch": torch.get_rng_state(), "rng_numpy": _numpy_state(),
+                     "extra": _plain(extra)}, resume_path)
 
     every = int(cfg.checkpoint_every_steps or 0)
     loop = TrainLoop(ctx, total, "finetune", writer if writer is not None else NullWriter(), items_per_step=batch,
@@ -295,7 +301,7 @@ def finetune(model: EncoderClassifier, train_set: Dataset, val_set: Dataset, tas
     model.load_state_dict(selector.state)
     model.eval()
     selection = {"select_metric": metric, **selector.best, "history": run["history"], "steps": total,
-                 "base_lr": base_lr, "batch_size": batch}
+                 "base_lr": base_lr, "batch_size": batch, **(extra or {})}
     return model, selection
 
 

@@ -214,7 +214,14 @@ class ClassificationExperiment:
         head_init = str(cfg.get("head_init") or "random")
         if head_init not in HEAD_INITS:
             raise ValueError(f"finetune.head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
-        probe_selection = self._probe_into_head(encoder, pool, train, seed, head) if head_init == "probe" else None
+        extra = None
+        if head_init == "probe":
+            if resume_path is not None and resume_path.is_file():
+                # the head comes back from the resume state with the rest: a probe trained now would be overwritten
+                log.info("LP-FT: resuming from %s; the head and its probe's record come from there", resume_path)
+                extra = {}
+            else:
+                extra = {"head_init_probe": self._probe_into_head(encoder, pool, train, seed, head)}
         model = EncoderClassifier(encoder, head, pool)
         ft_cfg = FinetuneConfig(epochs=int(cfg["epochs"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
                                 min_lr=float(cfg["min_lr"]), warmup_epochs=int(cfg["warmup_epochs"]),
@@ -231,9 +238,8 @@ class ClassificationExperiment:
         test_set = self._cached_images(self.data.splits["test"])
         model, selection = finetune(model, self._cached_images(train), val_set, self.task, ft_cfg, self.modality,
                                     self.img_size, self.device, self.amp_dtype, self.use_scaler,
-                                    self.select_metric, seed, writer, resume_path=resume_path, ctx=ctx)
-        if probe_selection is not None:
-            selection["head_init_probe"] = probe_selection
+                                    self.select_metric, seed, writer, resume_path=resume_path, ctx=ctx,
+                                    extra=extra)
         batch = int(self.cfg["data"].get("batch_size", 64))
         val_logits, _ = predict_logits(model, val_set, batch, self.device, self.amp_dtype, ctx)
         test_logits, _ = predict_logits(model, test_set, batch, self.device, self.amp_dtype, ctx)
