@@ -14,7 +14,7 @@ Rows (``visionfm/evaluation/transfer.py`` describes each protocol):
   probe (test AUROC, held-out patients of OCT_DME), DRIVE vessels with ``configs/seg/drive_target.yaml`` cut to
   200 steps, no test-time flips (test Dice pooled over images and mean per-image AUC, inside the FOV).
 * ``--modality oct``: OCT DME linear probe (test AUROC, held-out patients), 5-shot probe (20 draws, mean ± sd),
-  ``configs/cls/oct_dme_finetune.yaml`` cut to 10 epochs (test AUROC).
+  ``configs/cls/oct_dme_finetune.yaml`` cut to 10 epochs at lr 0.01 without drop path (test AUROC).
 
 Columns: pretrained, random init (same architecture, patch size, image size and normalisation, timm's initial
 weights drawn with ``--seed``), their difference and its 95 % paired bootstrap interval (1000 resamples of the
