@@ -100,12 +100,14 @@ def main(argv=None) -> int:
     fold = patient_folds(samples, args.folds, args.fold_seed)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    fold_csvs = [output / f"fold{k}_of_{args.folds}_seed{args.fold_seed}.csv" for k in range(args.folds)]
+    for k, fold_csv in enumerate(fold_csvs):
+        write_fold_csv(fold_csv, samples, fold, k, data.class_names)
+    positive = f"p_{data.class_names[1]}"
     results: Dict[str, Dict[int, Dict]] = {}
     for name, overrides in args.variant:
         results[name] = {}
-        for k in range(args.folds):
-            fold_csv = output / f"fold{k}_of_{args.folds}_seed{args.fold_seed}.csv"
-            write_fold_csv(fold_csv, samples, fold, k, data.class_names)
+        for k, fold_csv in enumerate(fold_csvs):
             run_dir = output / f"{name}_seed{args.seed}_fold{k}"
             start = time.time()
             if not (run_dir / "metrics.json").is_file():
@@ -118,7 +120,6 @@ def main(argv=None) -> int:
                 run_classification(cfg, run_dir)
             with open(run_dir / "predictions_test.csv", newline="") as fh:
                 rows = list(csv.DictReader(fh))
-            positive = f"p_{data.class_names[1]}"
             y = np.array([int(r["target"]) for r in rows])
             p = np.array([float(r[positive]) for r in rows])
             results[name][k] = {"auroc": binary_auroc(y, p), "y": y, "p": p}

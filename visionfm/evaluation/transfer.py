@@ -94,7 +94,7 @@ class Budget:
     finetune_epochs: int = 10               # OCT DME fine-tuning epochs (the recipe's 30, cut)
     finetune_warmup_epochs: int = 1
     # the short budget's own rate and regularisation (the recipe's 0.005 and 0.1 are for its 30 epochs), chosen by
-    # patient-grouped 5-fold cross-validation over train+val, 2 seeds (benchmarks/finetune_cv.py; README)
+    # patient-grouped 5-fold cross-validation over train+val, seeds 0-2 (benchmarks/finetune_cv.py; README)
     finetune_lr: float = 0.01               # base lr per 256 images
     finetune_drop_path: float = 0.0
     finetune_max_steps: Optional[int] = None

@@ -219,7 +219,6 @@ class ClassificationExperiment:
             if resume_path is not None and resume_path.is_file():
                 # the head comes back from the resume state with the rest: a probe trained now would be overwritten
                 log.info("LP-FT: resuming from %s; the head and its probe's record come from there", resume_path)
-                extra = {}
             else:
                 extra = {"head_init_probe": self._probe_into_head(encoder, pool, train, seed, head)}
         model = EncoderClassifier(encoder, head, pool)
