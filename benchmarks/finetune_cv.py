@@ -41,6 +41,11 @@ from visionfm.tasks.classification.data import read_oct_dme  # noqa: E402
 from visionfm.tasks.classification.runner import run_classification  # noqa: E402
 
 
+def cv_pool(data) -> List:
+    """The images the folds are dealt from: OCT DME's train and val splits; its test patients are never read."""
+    return data.splits["train"] + data.splits["val"]
+
+
 def patient_folds(samples, folds: int, seed: int) -> Dict[str, int]:
     """Fold of each patient: positive-majority and other patients dealt round-robin after a seeded shuffle."""
     by_patient = defaultdict(list)
@@ -96,7 +101,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     data = read_oct_dme(resolve_data_root(args.data_root), args.modality)
-    samples = data.splits["train"] + data.splits["val"]
+    samples = cv_pool(data)
     fold = patient_folds(samples, args.folds, args.fold_seed)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

@@ -123,6 +123,22 @@ def test_knn_random_init(shared_data, tmp_path, capsys, monkeypatch):
     assert not (out / "head.pt").exists()
 
 
+def test_knn_queries_with_their_mirror(shared_data, tiny_weights, tmp_path, capsys):
+    """``eval.mirror`` reaches k-NN: validation and test queries are the mean of each image's and its mirror's
+    features (the bank stays unmirrored), so the test probabilities change."""
+    probs = {}
+    for mirror in (False, True):
+        out = tmp_path / f"knn_{mirror}"
+        m = _run(["--dataset", "OCT_DME", "--modality", "oct", "--mode", "knn", "--data-root", str(shared_data),
+                  "--weights", str(tiny_weights), "--limit", "12", "--set", "knn.k=[5]",
+                  "--set", f"eval.mirror={str(mirror).lower()}", "--output", str(out)], capsys)
+        assert m["test"]["n"] == m["data"]["splits"]["test"]["images"]
+        with open(out / "predictions_test.csv") as fh:
+            probs[mirror] = np.array([[float(r[k]) for k in r if k.startswith("p_")] for r in csv.DictReader(fh)])
+    assert probs[False].shape == probs[True].shape
+    assert not np.allclose(probs[False], probs[True])
+
+
 def test_finetune_with_mixup_cutmix(shared_data, tiny_weights, tmp_path, capsys):
     out = tmp_path / "ft"
     m = _run(["--dataset", "OCT_DME", "--modality", "oct", "--mode", "finetune", "--data-root", str(shared_data),

@@ -13,7 +13,7 @@ from visionfm.tasks.classification.data import read_oct_dme  # noqa: E402
 
 def test_folds_split_patients_not_images_and_never_read_test_patients(shared_data, tmp_path):
     data = read_oct_dme(shared_data, "oct")
-    samples = data.splits["train"] + data.splits["val"]
+    samples = finetune_cv.cv_pool(data)  # what main() deals into folds
     fold = finetune_cv.patient_folds(samples, 5, seed=0)
     assert set(fold) == {s.group for s in samples} and set(fold.values()) == set(range(5))
     for k in range(5):  # both classes in every held-out fold, roughly equal folds

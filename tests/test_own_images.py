@@ -179,13 +179,19 @@ def test_attention_maps_match_the_encoder_and_overlays_keep_the_resolution(fundu
 
 
 # ------------------------------------------------------------------------------------------------ classification
-def test_cls_predict_and_eval_only_reproduce_the_training_run(shared_data, tiny_oct_weights, tmp_path, capsys):
+@pytest.mark.parametrize("mirror", [False, True])
+def test_cls_predict_and_eval_only_reproduce_the_training_run(shared_data, tiny_oct_weights, tmp_path, capsys,
+                                                              mirror):
+    """``model.pt`` gives the run's test probabilities again; with ``eval.mirror`` (the mean of each image's and
+    its mirror's logits) too, as the file records it."""
     from visionfm.tasks.classification.cli import main
+    from visionfm.tasks.classification.predict import load_classifier
 
     run = tmp_path / "cls"
     args = ["--dataset", "OCT_DME", "--modality", "oct", "--mode", "finetune", "--data-root", str(shared_data),
             "--weights", str(tiny_oct_weights), "--limit", "8", "--max-steps", "2", "--precision", "fp32",
-            "--set", "eval.bootstrap=0", "--set", "output.plots=false", "--device", "cpu"]
+            "--set", "eval.bootstrap=0", "--set", "output.plots=false", "--device", "cpu",
+            "--set", f"eval.mirror={str(mirror).lower()}"]
     assert run_cli(main, args + ["--output", str(run)]) == 0, capsys.readouterr().err
     assert (run / "model.pt").is_file()
     test_rows = _rows(run / "predictions_test.csv")
@@ -205,11 +211,57 @@ def test_cls_predict_and_eval_only_reproduce_the_training_run(shared_data, tiny_
         assert probs == pytest.approx([float(ref[f"p_{c}"]) for c in classes], abs=1e-4)
         assert row["prediction"] == classes[int(np.argmax(probs))]
 
+    model = load_classifier(run / "model.pt", "cpu").model
+    assert model.mirror_eval is mirror and not model.training
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        both = model(images)
+        model.mirror_eval = False
+        one, mirrored = model(images), model(images.flip(-1))
+    assert torch.allclose(both, (one + mirrored) / 2 if mirror else one, atol=1e-5)
+
     again = tmp_path / "eval"
     assert run_cli(main, args + ["--eval-only", "--checkpoint", str(run / "model.pt"), "--output", str(again)]) == 0
     trained, evaluated = (json.loads((d / "metrics.json").read_text())["test"] for d in (run, again))
     assert evaluated["accuracy"] == pytest.approx(trained["accuracy"])
     assert evaluated["confusion_matrix"] == trained["confusion_matrix"]
+
+
+def test_probe_with_mirror_eval_predicts_as_it_was_tested(shared_data, tiny_oct_weights, tmp_path, capsys):
+    """``eval.mirror``: validation and test use the mean of each image's and its mirror's features; the
+    saved head.pt records it, so ``predict`` gives the run's test probabilities (and not those of one view)."""
+    from visionfm.tasks.classification.cli import main
+    from visionfm.tasks.classification.predict import load_classifier
+
+    run = tmp_path / "probe"
+    args = ["--dataset", "OCT_DME", "--modality", "oct", "--mode", "linear", "--data-root", str(shared_data),
+            "--weights", str(tiny_oct_weights), "--limit", "8", "--precision", "fp32", "--set", "linear.epochs=3",
+            "--set", "eval.mirror=true", "--set", "eval.bootstrap=0", "--set", "output.plots=false",
+            "--device", "cpu", "--output", str(run)]
+    assert run_cli(main, args) == 0, capsys.readouterr().err
+    test_rows = _rows(run / "predictions_test.csv")
+    listing = tmp_path / "test.csv"
+    with open(listing, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        writer.writerows([[r["path"], r["target"]] for r in test_rows[:3]])
+    pred = tmp_path / "pred"
+    assert run_cli(main, ["predict", "--checkpoint", str(run / "head.pt"), "--images", str(listing),
+                          "--output", str(pred), "--device", "cpu"]) == 0, capsys.readouterr().err
+    classes = [c[2:] for c in test_rows[0] if c.startswith("p_")]
+    for row, ref in zip(_rows(pred / "predictions.csv"), test_rows):
+        assert [float(row[f"p_{c}"]) for c in classes] == pytest.approx([float(ref[f"p_{c}"]) for c in classes],
+                                                                         abs=1e-4)
+    classifier = load_classifier(run / "head.pt", "cpu")
+    assert classifier.model.mirror_eval
+    images = torch.randn(2, 3, classifier.img_size, classifier.img_size)
+    with torch.no_grad():
+        both = classifier.model(images)
+        classifier.model.mirror_eval = False
+        one = classifier.model(images)
+        mirrored = classifier.model(images.flip(-1))
+    assert not torch.allclose(both, one, atol=1e-4)  # the mirror matters for this encoder
+    assert torch.allclose(both, (one + mirrored) / 2, atol=1e-5)  # a linear head: the mean of the two views' logits
 
 
 def test_predict_refuses_a_checkpoint_of_another_task(tmp_path, fundus_folder, capsys):

@@ -274,10 +274,10 @@ def _probe_scores(experiment: ClassificationExperiment, train: Sequence[LabeledS
     chosen on the ``val`` split by AUROC; and what was chosen."""
     val, test = experiment.data.splits["val"], experiment.data.splits["test"]
     cfg = ProbeConfig(epochs=budget.probe_epochs, weight_decays=budget.weight_decays, class_weight=class_weight)
-    head, selection = train_probe(*experiment.probe_training_set(train), experiment.features(val),
+    head, selection = train_probe(*experiment.probe_training_set(train), experiment.eval_features(val),
                                   targets_tensor(val), experiment.task, cfg, "auroc", seed, experiment.device)
     with torch.no_grad():
-        probs = experiment.task.probabilities(head(experiment.features(test)))
+        probs = experiment.task.probabilities(head(experiment.eval_features(test)))
     chosen = {k: selection[k] for k in ("weight_decay", "epoch", "val_auroc", "class_weight")}
     return probs.numpy(), chosen
 

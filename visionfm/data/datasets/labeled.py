@@ -31,8 +31,8 @@ from ...modalities import Modality, get_modality
 from ..io import ImageReadError, check_image, read_image
 from ..unlabeled import DataError, square_and_resize
 
-__all__ = ["SPLITS", "LABEL_KINDS", "LabeledSample", "LabeledSplits", "own_group", "grouped_split", "limit_samples",
-           "sample_shots", "check_files", "label_tensor", "targets_tensor", "LabeledImages"]
+__all__ = ["SPLITS", "LABEL_KINDS", "LabeledSample", "LabeledSplits", "own_group", "grouped_split", "grouped_folds",
+           "limit_samples", "sample_shots", "check_files", "label_tensor", "targets_tensor", "LabeledImages"]
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,34 @@ def grouped_split(samples: Sequence[LabeledSample], fractions: Sequence[float] =
     for s in samples:
         out[assignment[s.group_key]].append(s)
     return out
+
+
+def grouped_folds(samples: Sequence[LabeledSample], folds: int, seed: int = 0) -> Dict[str, int]:
+    """Fold (``0 .. folds - 1``) of every group (patient) for k-fold cross-validation, stratified as
+    :func:`grouped_split` is: the groups of each stratum (a group's most common label) are shuffled (seeded) and
+    dealt round-robin, the deal going on from one stratum to the next so that fold sizes differ by at most one
+    group. Deterministic for a seed and independent of the input order.
+
+    Raises:
+        ValueError: fewer than 2 folds, or fewer groups than folds.
+    """
+    by_group: Dict[str, List[Label]] = defaultdict(list)
+    for s in samples:
+        by_group[s.group_key].append(s.label)
+    if folds < 2 or len(by_group) < folds:
+        raise ValueError(f"{folds} folds need at least 2 folds and as many groups; got {len(by_group)} group(s)")
+    strata: Dict[str, List[str]] = defaultdict(list)
+    for key, labels in by_group.items():
+        strata[_stratum(labels)].append(key)
+    fold: Dict[str, int] = {}
+    dealt = 0
+    for stratum in sorted(strata):
+        groups = _hash_order(strata[stratum], seed)
+        random.Random(f"{seed}:{stratum}").shuffle(groups)
+        for key in groups:
+            fold[key] = dealt % folds
+            dealt += 1
+    return fold
 
 
 def _class_of(sample: LabeledSample) -> str:

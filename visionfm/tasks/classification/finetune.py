@@ -66,16 +66,22 @@ class FinetuneConfig:
 
 
 class EncoderClassifier(nn.Module):
-    """Encoder + pooling + head: ``(B, 3, H, W)`` normalised images to ``(B, task.out_dim)`` logits."""
+    """Encoder + pooling + head: ``(B, 3, H, W)`` normalised images to ``(B, task.out_dim)`` logits. With
+    ``mirror_eval`` (``eval.mirror``), in eval mode, the logits are the mean of each image's and its left-right
+    mirror's (test-time augmentation; training steps see one view)."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, pool: str = "cls") -> None:
+    def __init__(self, encoder: nn.Module, head: nn.Module, pool: str = "cls", mirror_eval: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
         self.pool = pool
+        self.mirror_eval = mirror_eval
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(pooled_features(self.encoder, images, self.pool, 1))
+        logits = self.head(pooled_features(self.encoder, images, self.pool, 1))
+        if self.mirror_eval and not self.training:
+            logits = (logits + self.head(pooled_features(self.encoder, images.flip(-1), self.pool, 1))) / 2
+        return logits
 
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Layers for timm's layer-wise lr decay, as BEiT/MAE count them: the embeddings are layer 0, block

@@ -33,14 +33,21 @@ log = logging.getLogger(__name__)
 
 
 class _ProbeClassifier(nn.Module):
-    """A frozen encoder's pooled features (of the last ``last_blocks`` blocks) through a probe head."""
+    """A frozen encoder's pooled features (of the last ``last_blocks`` blocks) through a probe head; with
+    ``mirror_eval`` (a probe trained with ``eval.mirror``) the features are the mean of each image's and
+    its left-right mirror's, as the probe was validated and tested."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, pool: str, last_blocks: int) -> None:
+    def __init__(self, encoder: nn.Module, head: nn.Module, pool: str, last_blocks: int,
+                 mirror_eval: bool = False) -> None:
         super().__init__()
         self.encoder, self.head, self.pool, self.last_blocks = encoder, head, pool, last_blocks
+        self.mirror_eval = mirror_eval
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(pooled_features(self.encoder, images, self.pool, self.last_blocks))
+        features = pooled_features(self.encoder, images, self.pool, self.last_blocks)
+        if self.mirror_eval:
+            features = (features + pooled_features(self.encoder, images.flip(-1), self.pool, self.last_blocks)) / 2
+        return self.head(features)
 
 
 class LoadedClassifier:
@@ -123,7 +130,8 @@ def load_classifier(path: "str | os.PathLike", device: "torch.device | str" = "c
         encoder = build_encoder(spec)
         _load_exactly(encoder, {k: v.float() for k, v in enc_state.items()}, str(path), f"{spec.arch} encoder")
         width = encoder.embed_dim * (2 if pool == "cls+mean" else 1)
-        model: nn.Module = EncoderClassifier(encoder, _build_head(head_state, task, width, str(path), ckpt), pool)
+        model: nn.Module = EncoderClassifier(encoder, _build_head(head_state, task, width, str(path), ckpt), pool,
+                                             mirror_eval=bool(ckpt.get("mirror_eval", False)))
         img_size, patch = int(ckpt.get("img_size") or spec.img_size), spec.patch_size
         log.info("%s: fine-tuned %s %s classifier, classes %s", path, modality, spec.arch, list(task.class_names))
     elif "head" in ckpt:  # probe: the frozen encoder is the weights file it was trained on
@@ -136,7 +144,8 @@ def load_classifier(path: "str | os.PathLike", device: "torch.device | str" = "c
         encoder, info = load_encoder(modality, weights=source, img_size=ckpt.get("img_size"))
         last_blocks = int(ckpt.get("last_blocks", 1))
         width = int(ckpt.get("feature_dim") or encoder.embed_dim * last_blocks * (2 if pool == "cls+mean" else 1))
-        model = _ProbeClassifier(encoder, _build_head(ckpt["head"], task, width, str(path), ckpt), pool, last_blocks)
+        model = _ProbeClassifier(encoder, _build_head(ckpt["head"], task, width, str(path), ckpt), pool, last_blocks,
+                                 bool(ckpt.get("mirror_eval", False)))
         img_size, patch = int(ckpt.get("img_size") or info.img_size), info.patch_size
         log.info("%s: probe on %s (%s), classes %s", path, source, info.arch, list(task.class_names))
     else:

@@ -44,7 +44,7 @@ from .probe import ProbeConfig, train_probe
 from .selection import Selector, resolve_select_metric, split_metrics
 from .task import ClassificationTask
 
-__all__ = ["MODES", "ClassificationExperiment", "run_classification", "evaluate_checkpoint"]
+__all__ = ["MODES", "ClassificationExperiment", "probe_config", "run_classification", "evaluate_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,20 @@ log = logging.getLogger(__name__)
 FINETUNE_STATE = "finetune_state.pt"
 
 MODES = ("linear", "finetune", "knn")
+
+
+def probe_config(cfg: Dict[str, Any], dropout: Optional[float] = None) -> ProbeConfig:
+    """The ``linear`` section of a merged classification config (and the head's shape from ``model``) as a
+    :class:`ProbeConfig`; ``dropout`` overrides ``model.dropout``."""
+    linear, model = cfg["linear"], cfg["model"]
+    return ProbeConfig(head=model.get("head", "linear"), epochs=int(linear["epochs"]), lr=float(linear["lr"]),
+                       min_lr=float(linear.get("min_lr", 0.0)), warmup_epochs=int(linear.get("warmup_epochs", 0)),
+                       batch_size=int(linear["batch_size"]), weight_decays=[float(w) for w in linear["weight_decays"]],
+                       hidden_dim=int(model.get("hidden_dim", 512)),
+                       dropout=float(model.get("dropout", 0.0)) if dropout is None else dropout,
+                       standardize_prior=float(linear.get("standardize_prior", 10.0)),
+                       class_weight=str(linear.get("class_weight") or "none"),
+                       max_steps=cfg["train"].get("max_steps"))
 
 
 class ClassificationExperiment:
@@ -139,6 +153,20 @@ class ClassificationExperiment:
             return x, y
         return torch.cat([x, self.mirrored_features(train)]), torch.cat([y, y])  # LabeledImages checks the modality
 
+    @property
+    def mirror_eval(self) -> bool:
+        """``eval.mirror``: validation and test images are scored with their left-right mirror, averaged."""
+        return bool(self.cfg["eval"].get("mirror", False))
+
+    def eval_features(self, samples: Sequence[LabeledSample]) -> Tensor:
+        """Frozen features of validation and test images (probe, k-NN queries): each image's, or with
+        ``eval.mirror`` the mean of each image's and its left-right mirror's (for a linear head on them, the mean
+        of the two views' logits, as the head is affine)."""
+        x = self.features(samples)
+        if not self.mirror_eval:
+            return x
+        return (x + self.mirrored_features(samples)) / 2  # LabeledImages refuses modalities without flips
+
     def _cached_images(self, samples: Sequence[LabeledSample]) -> LabeledImages:
         key = tuple(str(s.path) for s in samples)
         if key not in self._image_sets:
@@ -154,28 +182,20 @@ class ClassificationExperiment:
     # -- modes --------------------------------------------------------------------------------------------
 
     def _probe_config(self, dropout: Optional[float] = None) -> ProbeConfig:
-        """The ``linear`` section (and the head's shape from ``model``) as a :class:`ProbeConfig`."""
-        cfg, model = self.cfg["linear"], self.cfg["model"]
-        return ProbeConfig(head=model.get("head", "linear"), epochs=int(cfg["epochs"]), lr=float(cfg["lr"]),
-                           min_lr=float(cfg.get("min_lr", 0.0)), warmup_epochs=int(cfg.get("warmup_epochs", 0)),
-                           batch_size=int(cfg["batch_size"]), weight_decays=[float(w) for w in cfg["weight_decays"]],
-                           hidden_dim=int(model.get("hidden_dim", 512)),
-                           dropout=float(model.get("dropout", 0.0)) if dropout is None else dropout,
-                           standardize_prior=float(cfg.get("standardize_prior", 10.0)),
-                           class_weight=str(cfg.get("class_weight") or "none"),
-                           max_steps=self.cfg["train"].get("max_steps"))
+        return probe_config(self.cfg, dropout)
 
     def _run_linear(self, train: List[LabeledSample], seed: int, writer) -> Tuple[Tensor, Tensor, Dict, Dict]:
         model = self.cfg["model"]
         probe_cfg = self._probe_config()
         val, test = self.data.splits["val"], self.data.splits["test"]
-        head, selection = train_probe(*self.probe_training_set(train), self.features(val), targets_tensor(val),
+        head, selection = train_probe(*self.probe_training_set(train), self.eval_features(val), targets_tensor(val),
                                       self.task, probe_cfg, self.select_metric, seed, self.device, writer)
         with torch.no_grad():
-            val_probs = self.task.probabilities(head(self.features(val)))
-            test_probs = self.task.probabilities(head(self.features(test)))
+            val_probs = self.task.probabilities(head(self.eval_features(val)))
+            test_probs = self.task.probabilities(head(self.eval_features(test)))
         state = {"head": head.state_dict(), "feature_dim": feature_dim(self.encoder, model.get("pool", "cls"),
-                                                                        int(model.get("last_blocks", 1)))}
+                                                                        int(model.get("last_blocks", 1))),
+                 "mirror_eval": self.mirror_eval}
         return val_probs, test_probs, selection, state
 
     def _run_knn(self, train: List[LabeledSample], writer) -> Tuple[Tensor, Tensor, Dict, Dict]:
@@ -184,7 +204,7 @@ class ClassificationExperiment:
         temperature = float(cfg.get("temperature", 0.07))
         val, test = self.data.splits["val"], self.data.splits["test"]
         xtr, ytr = self.features(train), targets_tensor(train)
-        xv, yv = self.features(val), targets_tensor(val)
+        xv, yv = self.eval_features(val), targets_tensor(val)
         selector = Selector(self.select_metric)
         tried = []
         for k in dict.fromkeys(min(int(k), len(train)) for k in ks):
@@ -195,7 +215,7 @@ class ClassificationExperiment:
             if writer is not None and metrics.get(self.select_metric) is not None:
                 writer.add_scalar(f"knn/val_{self.select_metric}", metrics[self.select_metric], k)
         k = selector.best["k"]
-        test_probs = knn_scores(xtr, ytr, self.features(test), self.task, k, temperature)
+        test_probs = knn_scores(xtr, ytr, self.eval_features(test), self.task, k, temperature)
         selection = {"select_metric": self.select_metric, **selector.best, "temperature": temperature,
                      "candidates": tried}
         return selector.state, test_probs, selection, {}
@@ -221,7 +241,9 @@ class ClassificationExperiment:
                 log.info("LP-FT: resuming from %s; the head and its probe's record come from there", resume_path)
             else:
                 extra = {"head_init_probe": self._probe_into_head(encoder, pool, train, seed, head)}
-        model = EncoderClassifier(encoder, head, pool)
+        if self.mirror_eval and not self.modality.augment.hflip:
+            raise ValueError(f"eval.mirror: modality {self.modality.name!r} does not allow horizontal flips")
+        model = EncoderClassifier(encoder, head, pool, mirror_eval=self.mirror_eval)
         ft_cfg = FinetuneConfig(epochs=int(cfg["epochs"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
                                 min_lr=float(cfg["min_lr"]), warmup_epochs=int(cfg["warmup_epochs"]),
                                 weight_decay=float(cfg["weight_decay"]), layer_decay=float(cfg["layer_decay"]),
@@ -242,7 +264,8 @@ class ClassificationExperiment:
         batch = int(self.cfg["data"].get("batch_size", 64))
         val_logits, _ = predict_logits(model, val_set, batch, self.device, self.amp_dtype, ctx)
         test_logits, _ = predict_logits(model, test_set, batch, self.device, self.amp_dtype, ctx)
-        state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "pool": pool}
+        state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "pool": pool,
+                 "mirror_eval": self.mirror_eval}
         return self.task.probabilities(val_logits), self.task.probabilities(test_logits), selection, state
 
     def _probe_into_head(self, encoder: torch.nn.Module, pool: str, train: List[LabeledSample], seed: int,
