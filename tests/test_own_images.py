@@ -179,6 +179,21 @@ def test_attention_maps_match_the_encoder_and_overlays_keep_the_resolution(fundu
 
 
 # ------------------------------------------------------------------------------------------------ classification
+def _predict_first_test_images(checkpoint, test_rows, tmp_path, capsys, n: int = 3):
+    """``downstream/cls.py predict`` on the first ``n`` images of a run's predictions_test.csv; its rows."""
+    from visionfm.tasks.classification.cli import main
+
+    listing = tmp_path / "test.csv"
+    with open(listing, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        writer.writerows([[r["path"], r["target"]] for r in test_rows[:n]])
+    pred = tmp_path / "pred"
+    assert run_cli(main, ["predict", "--checkpoint", str(checkpoint), "--images", str(listing),
+                          "--output", str(pred), "--device", "cpu"]) == 0, capsys.readouterr().err
+    return _rows(pred / "predictions.csv")
+
+
 @pytest.mark.parametrize("mirror", [False, True])
 def test_cls_predict_and_eval_only_reproduce_the_training_run(shared_data, tiny_oct_weights, tmp_path, capsys,
                                                               mirror):
@@ -195,15 +210,7 @@ def test_cls_predict_and_eval_only_reproduce_the_training_run(shared_data, tiny_
     assert run_cli(main, args + ["--output", str(run)]) == 0, capsys.readouterr().err
     assert (run / "model.pt").is_file()
     test_rows = _rows(run / "predictions_test.csv")
-    listing = tmp_path / "test.csv"
-    with open(listing, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label"])
-        writer.writerows([[r["path"], r["target"]] for r in test_rows[:3]])
-    pred = tmp_path / "pred"
-    assert run_cli(main, ["predict", "--checkpoint", str(run / "model.pt"), "--images", str(listing),
-                          "--output", str(pred), "--device", "cpu"]) == 0, capsys.readouterr().err
-    rows = _rows(pred / "predictions.csv")
+    rows = _predict_first_test_images(run / "model.pt", test_rows, tmp_path, capsys)
     assert len(rows) == 3
     classes = [c[2:] for c in rows[0] if c.startswith("p_")]
     for row, ref in zip(rows, test_rows):
@@ -240,16 +247,8 @@ def test_probe_with_mirror_eval_predicts_as_it_was_tested(shared_data, tiny_oct_
             "--device", "cpu", "--output", str(run)]
     assert run_cli(main, args) == 0, capsys.readouterr().err
     test_rows = _rows(run / "predictions_test.csv")
-    listing = tmp_path / "test.csv"
-    with open(listing, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label"])
-        writer.writerows([[r["path"], r["target"]] for r in test_rows[:3]])
-    pred = tmp_path / "pred"
-    assert run_cli(main, ["predict", "--checkpoint", str(run / "head.pt"), "--images", str(listing),
-                          "--output", str(pred), "--device", "cpu"]) == 0, capsys.readouterr().err
     classes = [c[2:] for c in test_rows[0] if c.startswith("p_")]
-    for row, ref in zip(_rows(pred / "predictions.csv"), test_rows):
+    for row, ref in zip(_predict_first_test_images(run / "head.pt", test_rows, tmp_path, capsys), test_rows):
         assert [float(row[f"p_{c}"]) for c in classes] == pytest.approx([float(ref[f"p_{c}"]) for c in classes],
                                                                          abs=1e-4)
     classifier = load_classifier(run / "head.pt", "cpu")
