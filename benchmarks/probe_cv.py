@@ -16,9 +16,9 @@ suite's EyeDisease4 probe (``--pool cls+mean``, ``linear.class_weight=balanced``
 selection by AUROC); ``--set`` changes it for every variant.
 
 A variant is ``NAME=KEY=VALUE KEY=VALUE ...`` over the probe's own keys (``linear.*``, ``eval.select_metric`` and
-``eval.mirror``: the cached features do not depend on them; ``NAME=`` alone: the base). The table gives, per variant, the mean
-and per-fold balanced accuracy of the test folds, that of all their predictions pooled, the mean difference to the
-first variant with the number of folds where it is ahead, and the mean macro AUROC.
+``eval.mirror``: the cached features do not depend on them; ``NAME=`` alone: the base). The table gives, per
+variant, the mean and per-fold balanced accuracy of the test folds, that of all their predictions pooled, the mean
+difference to the first variant with the number of folds where it is ahead, and the mean macro AUROC.
 """
 
 import argparse
@@ -78,13 +78,10 @@ def fold_splits(samples: Sequence[LabeledSample], fold: Dict[str, int], k: int) 
 def run_variant(experiment: ClassificationExperiment, cfg: Dict, splits: Dict[str, List[LabeledSample]],
                 seed: int) -> Dict[str, object]:
     """One probe of one variant on one fold: its test-fold targets, probabilities, metrics and selection."""
-    base_cfg = experiment.cfg
-    experiment.cfg = cfg  # only linear.* and eval.* differ: the cached features stay valid
-    try:
-        train_x, train_y = experiment.probe_training_set(splits["train"])
-        val_x, test_x = experiment.eval_features(splits["val"]), experiment.eval_features(splits["test"])
-    finally:
-        experiment.cfg = base_cfg
+    # the variant's own flags; the cached features (pool, size, weights) are the base config's for every variant
+    train_x, train_y = experiment.probe_training_set(splits["train"], bool(cfg["linear"].get("mirror_train", False)))
+    mirror = bool(cfg["eval"].get("mirror", False))
+    val_x, test_x = experiment.eval_features(splits["val"], mirror), experiment.eval_features(splits["test"], mirror)
     task = experiment.task
     metric = resolve_select_metric(task, cfg["eval"].get("select_metric", "auto"))
     head, selection = train_probe(train_x, train_y, val_x, targets_tensor(splits["val"]), task, probe_config(cfg),

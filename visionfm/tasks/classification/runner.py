@@ -145,11 +145,12 @@ class ClassificationExperiment:
         return LabeledImages(samples, self.modality, self.img_size, self.info.mean, self.info.std, cache=cache,
                              mirror=mirror)
 
-    def probe_training_set(self, train: Sequence[LabeledSample]) -> Tuple[Tensor, Tensor]:
-        """Frozen features and targets a probe trains on: ``train``'s, and with ``linear.mirror_train`` also
-        those of each image's left-right mirror (twice the rows; validation and test stay unmirrored)."""
+    def probe_training_set(self, train: Sequence[LabeledSample],
+                           mirror: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
+        """Frozen features and targets a probe trains on: ``train``'s, and with ``mirror`` (default
+        ``linear.mirror_train``) also those of each image's left-right mirror (twice the rows)."""
         x, y = self.features(train), targets_tensor(train)
-        if not self.cfg["linear"].get("mirror_train", False):
+        if not (self.cfg["linear"].get("mirror_train", False) if mirror is None else mirror):
             return x, y
         return torch.cat([x, self.mirrored_features(train)]), torch.cat([y, y])  # LabeledImages checks the modality
 
@@ -158,12 +159,12 @@ class ClassificationExperiment:
         """``eval.mirror``: validation and test images are scored with their left-right mirror, averaged."""
         return bool(self.cfg["eval"].get("mirror", False))
 
-    def eval_features(self, samples: Sequence[LabeledSample]) -> Tensor:
-        """Frozen features of validation and test images (probe, k-NN queries): each image's, or with
-        ``eval.mirror`` the mean of each image's and its left-right mirror's (for a linear head on them, the mean
-        of the two views' logits, as the head is affine)."""
+    def eval_features(self, samples: Sequence[LabeledSample], mirror: Optional[bool] = None) -> Tensor:
+        """Frozen features of validation and test images (probe, k-NN queries): each image's, or with ``mirror``
+        (default ``eval.mirror``) the mean of each image's and its left-right mirror's (for a linear head on them,
+        the mean of the two views' logits, as the head is affine)."""
         x = self.features(samples)
-        if not self.mirror_eval:
+        if not (self.mirror_eval if mirror is None else mirror):
             return x
         return (x + self.mirrored_features(samples)) / 2  # LabeledImages refuses modalities without flips
 
