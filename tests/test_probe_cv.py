@@ -72,7 +72,8 @@ def tiny_eyedisease4(tmp_path):
         folder.mkdir(parents=True)
         for i in range(15):
             image = rng.integers(0, 80, (40, 48, 3), dtype=np.uint8)
-            image[:, : 12 * (c + 1), c % 3] += 150  # left-right asymmetric, so the mirror changes the features
+            image[:, : 12 * (c + 1), c % 3] += 40  # left-right asymmetric (the mirror changes the features) and
+            # faint, so that no variant scores a perfect fold and the variants' figures can differ
             Image.fromarray(image).save(folder / f"img{i}.png")
     torch.manual_seed(0)
     vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=2, num_classes=0,
@@ -99,4 +100,5 @@ def test_probe_cv_end_to_end(tiny_eyedisease4, tmp_path, capsys):
     rows = result["table"]
     assert all(len(rows[v]["per_fold"]) == 3 for v in rows)
     assert rows["base"]["diff"] == 0 and rows["same"] == rows["base"]  # same settings: the same probes, figures
+    assert rows["mirror"] != rows["base"]  # the variant's eval.mirror reaches its probes
     assert all(sel["weight_decay"] in (0.0, 1.0) and 1 <= sel["epoch"] <= 3 for sel in rows["base"]["selections"])
