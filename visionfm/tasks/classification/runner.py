@@ -182,12 +182,9 @@ class ClassificationExperiment:
 
     # -- modes --------------------------------------------------------------------------------------------
 
-    def _probe_config(self, dropout: Optional[float] = None) -> ProbeConfig:
-        return probe_config(self.cfg, dropout)
-
     def _run_linear(self, train: List[LabeledSample], seed: int, writer) -> Tuple[Tensor, Tensor, Dict, Dict]:
         model = self.cfg["model"]
-        probe_cfg = self._probe_config()
+        probe_cfg = probe_config(self.cfg)
         val, test = self.data.splits["val"], self.data.splits["test"]
         head, selection = train_probe(*self.probe_training_set(train), self.eval_features(val), targets_tensor(val),
                                       self.task, probe_cfg, self.select_metric, seed, self.device, writer)
@@ -283,7 +280,7 @@ class ClassificationExperiment:
             features[name], _ = extract_features(encoder, self._cached_images(samples), pool, 1, batch, self.device,
                                                  self.amp_dtype, self.num_workers)
         probe, selection = train_probe(features["train"], targets_tensor(train), features["val"], targets_tensor(val),
-                                       self.task, self._probe_config(dropout=0.0), self.select_metric, seed,
+                                       self.task, probe_config(self.cfg, dropout=0.0), self.select_metric, seed,
                                        self.device)
         load_probe_into_head(probe.cpu(), head)
         metric = selection["select_metric"]
