@@ -28,12 +28,13 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from cv_common import fold_roles, parse_variant  # noqa: E402
 
 from visionfm.config import CONFIG_DIR, apply_overrides, build_config  # noqa: E402
 from visionfm.data.datasets.labeled import LabeledSample, grouped_folds, targets_tensor  # noqa: E402
@@ -46,18 +47,17 @@ SUITE_PROBE = {"model.pool": "cls+mean", "linear.class_weight": "balanced", "lin
                "eval.select_metric": "auroc"}
 
 
-def parse_variant(text: str) -> Tuple[str, List[str]]:
-    name, sep, rest = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=KEY=VALUE ... (NAME= for the base)")
-    overrides = rest.split()
-    for item in overrides:
-        key = item.partition("=")[0]
-        if not (key.startswith("linear.") or key in ("eval.select_metric", "eval.mirror")):
-            raise argparse.ArgumentTypeError(f"--variant {text!r}: {key!r} is not a probe setting (linear.*, "
-                                             f"eval.select_metric, eval.mirror); features are extracted once for "
-                                             f"all variants")
-    return name, overrides
+def probe_key_problem(key: str) -> Optional[str]:
+    """Why ``key`` cannot vary between variants (``None``: it can): features are extracted once for all of them."""
+    if key.startswith("linear.") or key in ("eval.select_metric", "eval.mirror"):
+        return None
+    return (f"{key!r} is not a probe setting (linear.*, eval.select_metric, eval.mirror); features are extracted "
+            f"once for all variants")
+
+
+def parse_probe_variant(text: str) -> Tuple[str, List[str]]:
+    """A ``--variant`` whose keys are probe settings only (:func:`cv_common.parse_variant`)."""
+    return parse_variant(text, probe_key_problem)
 
 
 def cv_pool(experiment: ClassificationExperiment) -> List[LabeledSample]:
@@ -67,11 +67,10 @@ def cv_pool(experiment: ClassificationExperiment) -> List[LabeledSample]:
 
 def fold_splits(samples: Sequence[LabeledSample], fold: Dict[str, int], k: int) -> Dict[str, List[LabeledSample]]:
     """Fold ``k`` is the test split, the next fold the validation split (selection), the rest the training split."""
-    folds = max(fold.values()) + 1
-    role = {k: "test", (k + 1) % folds: "val"}
+    role = fold_roles(fold, k)
     out: Dict[str, List[LabeledSample]] = {"train": [], "val": [], "test": []}
     for s in samples:
-        out[role.get(fold[s.group_key], "train")].append(s)
+        out[role[s.group_key]].append(s)
     return out
 
 
@@ -96,7 +95,7 @@ def run_variant(experiment: ClassificationExperiment, cfg: Dict, splits: Dict[st
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/probe_cv.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", type=parse_variant, action="append", required=True,
+    parser.add_argument("--variant", type=parse_probe_variant, action="append", required=True,
                         help="NAME=KEY=VALUE KEY=VALUE ... (linear.*, eval.select_metric, eval.mirror; NAME= alone: "
                              "the base); repeat; the first is the reference")
     parser.add_argument("--dataset", default="EyeDisease4", help="dataset folder name (default EyeDisease4)")

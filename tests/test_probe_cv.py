@@ -56,11 +56,15 @@ def test_fold_splits_roles():
 
 
 def test_variants_only_change_probe_settings():
-    assert probe_cv.parse_variant("m=eval.mirror=true eval.select_metric=balanced_accuracy") == (
+    assert probe_cv.parse_probe_variant("m=eval.mirror=true eval.select_metric=balanced_accuracy") == (
         "m", ["eval.mirror=true", "eval.select_metric=balanced_accuracy"])
-    assert probe_cv.parse_variant("base=") == ("base", [])
+    assert probe_cv.parse_probe_variant("base=") == ("base", [])
     with pytest.raises(Exception, match="not a probe setting"):
-        probe_cv.parse_variant("x=data.img_size=256")
+        probe_cv.parse_probe_variant("x=data.img_size=256")
+    with pytest.raises(Exception, match="'linear.lr' is not KEY=VALUE"):
+        probe_cv.parse_probe_variant("x=linear.lr")
+    with pytest.raises(Exception, match="expected NAME=KEY=VALUE"):
+        probe_cv.parse_probe_variant("=linear.lr=0.1")
 
 
 @pytest.fixture
