@@ -263,7 +263,8 @@ def test_init_from_refuses_another_architecture_naming_the_file(tmp_path):
 def test_shipped_mae_recipes_pass_the_checks_and_each_stage_starts_from_the_one_before(recipe):
     """Every encoder recipe in configs/pretrain merges over mae.yaml and passes the checks run before training.
     Stage 1 is ``<modality>_vit_tiny.yaml`` and starts from scratch; a later stage adds a suffix (``_224``,
-    ``_long``, ``_224_long``) and starts from the output folder of the recipe without its last suffix."""
+    ``_long``, ``_224_long``) and starts from the output folder of the recipe without its last suffix; a
+    ``_from_<modality>`` recipe starts from that modality's shipped encoder in weights/ (cross-modality start)."""
     from visionfm.config import CONFIG_DIR, build_config
     from visionfm.engine.mae_trainer import check_mae_config
 
@@ -271,7 +272,11 @@ def test_shipped_mae_recipes_pass_the_checks_and_each_stage_starts_from_the_one_
     assert check_mae_config(cfg) == 0.75
     name = recipe[:-len(".yaml")]
     stages = name.partition("_vit_tiny")[2]
-    if stages:
+    if stages.startswith("_from_"):
+        source = f"weights/{stages[len('_from_'):]}_vit_tiny.safetensors"
+        assert cfg["model"]["init_from"] == source
+        assert (ROOT / source).is_file()
+    elif stages:
         previous = name.rsplit("_", 1)[0]
         assert cfg["model"]["init_from"] == f"runs/{previous}/encoder.safetensors"
     else:
