@@ -191,6 +191,8 @@ def test_quick_suite_oct_end_to_end(shared_data, tmp_path, capsys):
         assert row["diff"] == pytest.approx(row["pretrained"] - row["random_init"], abs=1e-9)
         assert row["ci95"] is None or row["ci95"][0] <= row["ci95"][1]
     assert result["rows"][1]["pretrained_sd"] is not None  # over the draws
+    for encoder in ("pretrained", "random_init"):  # LP-FT for both: the head starts from a probe on frozen features
+        assert result["tasks"]["OCT DME fine-tuning"][encoder]["head_init_probe"]["weight_decay"] is not None
     table = capsys.readouterr().out
     assert "| OCT DME fine-tuning | AUROC |" in table and "random init" in table
 

@@ -32,7 +32,8 @@ Tasks (each a row group of the table; ``FULL`` budget in brackets):
       for both encoders; mean and sd over draws (20, not 5: the spread between draws is as large as the
       difference between the encoders, and features are cached, so each draw costs a probe, not an encoder).
     * ``OCT DME fine-tuning``: ``configs/cls/oct_dme_finetune.yaml`` for ``Budget.finetune_epochs`` epochs
-      [10; the recipe's own is 30] at ``Budget.finetune_lr`` without drop path, epoch chosen on val, test AUROC.
+      [10; the recipe's own is 30] at ``Budget.finetune_lr`` without drop path, the head started from a linear
+      probe on the frozen features (LP-FT, ``Budget.finetune_head_init``), epoch chosen on val, test AUROC.
 
 Every row gives both encoders' values, their difference and a 95 % paired bootstrap interval of the
 difference (:func:`visionfm.evaluation.paired.paired_bootstrap`): the test items (images; for segmentation,
@@ -102,6 +103,9 @@ class Budget:
     # patient-grouped 5-fold cross-validation over train+val, seeds 0-2 (benchmarks/finetune_cv.py; README)
     finetune_lr: float = 0.01               # base lr per 256 images
     finetune_drop_path: float = 0.0
+    # LP-FT: the head starts from a linear probe on the frozen features instead of near zero, so the first steps do
+    # not push a random head's gradients into the encoder; chosen by the same cross-validation, seeds 0-2 (README)
+    finetune_head_init: str = "probe"
     finetune_max_steps: Optional[int] = None
     seg_steps: int = 200                    # DRIVE training steps (the recipe's 1700, cut; schedule fitted to it)
     seg_val_every: int = 100                # validations (best.pth selection) every N steps
@@ -397,7 +401,8 @@ def oct_dme_finetune(ctx: SuiteContext) -> Tuple[List[Row], Dict[str, Any]]:
             "modality": ctx.modality, "data.root": str(ctx.data_root), "data.limit": b.limit,
             "model.weights": ctx.encoders[encoder], "model.random_init": False, "finetune.epochs": b.finetune_epochs,
             "finetune.warmup_epochs": b.finetune_warmup_epochs, "finetune.lr": b.finetune_lr,
-            "finetune.drop_path": b.finetune_drop_path, "train.max_steps": b.finetune_max_steps,
+            "finetune.drop_path": b.finetune_drop_path, "finetune.head_init": b.finetune_head_init,
+            "train.max_steps": b.finetune_max_steps,
             "train.seed": ctx.seed, "train.device": ctx.device, "eval.bootstrap": 0, "output.plots": False,
             "output.save_model": False})
         run_dir = ctx.output / "oct_dme_finetune" / encoder
@@ -408,6 +413,7 @@ def oct_dme_finetune(ctx: SuiteContext) -> Tuple[List[Row], Dict[str, Any]]:
         scores[encoder] = probs[None]
         details[encoder] = {"run": str(run_dir), "epoch": summary["selection"].get("epoch"),
                             "val_auroc": summary["selection"].get("val_auroc"),
+                            "head_init_probe": summary["selection"].get("head_init_probe"),
                             "seconds": summary["seconds"]["total"]}
     if paths["pretrained"] != paths["random_init"]:
         raise ValueError("OCT DME fine-tuning: the two runs were tested on different images")
