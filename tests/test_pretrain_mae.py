@@ -259,19 +259,22 @@ def test_init_from_refuses_another_architecture_naming_the_file(tmp_path):
                    tmp_path / "run2").train()
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs" / "pretrain").glob("*_vit_tiny*.yaml")))
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs" / "pretrain").glob("*_vit_*.yaml")))
 def test_shipped_mae_recipes_pass_the_checks_and_each_stage_starts_from_the_one_before(recipe):
     """Every encoder recipe in configs/pretrain merges over mae.yaml and passes the checks run before training.
-    Stage 1 is ``<modality>_vit_tiny.yaml`` and starts from scratch; a later stage adds a suffix (``_224``,
-    ``_long``, ``_224_long``) and starts from the output folder of the recipe without its last suffix; a
-    ``_from_<modality>`` recipe starts from that modality's shipped encoder in weights/ (cross-modality start)."""
+    Stage 1 is ``<modality>_<arch>.yaml`` (``oct_vit_tiny.yaml``, ``oct_vit_small.yaml``) and starts from
+    scratch; a later stage adds a suffix (``_224``, ``_long``, ``_224_long``) and starts from the output folder of
+    the recipe without its last suffix; a ``_from_<modality>`` recipe starts from that modality's shipped encoder in
+    weights/ (cross-modality start)."""
     from visionfm.config import CONFIG_DIR, build_config
     from visionfm.engine.mae_trainer import check_mae_config
 
     cfg = build_config(CONFIG_DIR / "pretrain" / "mae.yaml", CONFIG_DIR / "pretrain" / recipe, {}, [])
     assert check_mae_config(cfg) == 0.75
     name = recipe[:-len(".yaml")]
-    stages = name.partition("_vit_tiny")[2]
+    arch = cfg["model"]["arch"]
+    assert f"_{arch}" in name, f"{recipe}: the file name does not name its model.arch {arch}"
+    stages = name.partition(f"_{arch}")[2]
     if stages.startswith("_from_"):
         source = f"weights/{stages[len('_from_'):]}_vit_tiny.safetensors"
         assert cfg["model"]["init_from"] == source
