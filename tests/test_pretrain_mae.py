@@ -276,7 +276,7 @@ def test_shipped_mae_recipes_pass_the_checks_and_each_stage_starts_from_the_one_
     assert f"_{arch}" in name, f"{recipe}: the file name does not name its model.arch {arch}"
     stages = name.partition(f"_{arch}")[2]
     if stages.startswith("_from_"):
-        source = f"weights/{stages[len('_from_'):]}_vit_tiny.safetensors"
+        source = f"weights/{stages[len('_from_'):]}_{arch}.safetensors"
         assert cfg["model"]["init_from"] == source
         assert (ROOT / source).is_file()
     elif stages:

@@ -104,7 +104,7 @@ class Budget:
     finetune_lr: float = 0.01               # base lr per 256 images
     finetune_drop_path: float = 0.0
     # LP-FT: the head starts from a linear probe on the frozen features instead of near zero, so the first steps do
-    # not push a random head's gradients into the encoder; chosen by the same cross-validation, seeds 0-2 (README)
+    # not push a random head's gradients into the encoder; chosen by the same cross-validation, seeds 0-4 (README)
     finetune_head_init: str = "probe"
     finetune_max_steps: Optional[int] = None
     seg_steps: int = 200                    # DRIVE training steps (the recipe's 1700, cut; schedule fitted to it)
