@@ -186,6 +186,38 @@ def test_finetune_from_a_probe(shared_data, tiny_weights, tmp_path, capsys, capl
     assert rc == 1 and "finetune.head_init must be one of random, probe" in capsys.readouterr().err
 
 
+def test_finetune_wise_interpolation(shared_data, tiny_weights, tmp_path, capsys):
+    """WiSE-FT on real OCT images: the saved weights lie halfway between the encoder file (and the probe head)
+    and what the same run reaches without interpolation; a rerun resumes and rebuilds the same start."""
+    from safetensors.torch import load_file
+
+    def args(alpha: float, out: Path):
+        return ["--dataset", "OCT_DME", "--modality", "oct", "--mode", "finetune", "--data-root", str(shared_data),
+                "--weights", str(tiny_weights), "--limit", "8", "--max-steps", "2", "--batch-size", "4",
+                "--epochs", "1", "--set", "finetune.head_init=probe", "--set", "finetune.drop_path=0",
+                "--set", f"finetune.wise_alpha={alpha}", "--output", str(out), "--precision", "fp32"]
+
+    full = _run(args(1.0, tmp_path / "ft"), capsys)
+    half = _run(args(0.5, tmp_path / "wise"), capsys)
+    assert half["selection"]["wise_alpha"] == 0.5 and "wise_alpha" not in full["selection"]
+    end = safe_load(tmp_path / "ft" / "model.pt")["model"]
+    mid = safe_load(tmp_path / "wise" / "model.pt")["model"]
+    start = {k[len("encoder."):]: 2 * mid[k] - end[k] for k in end if k.startswith("encoder.")}
+    stored = load_file(str(tiny_weights))
+    shared = [k for k in stored if k in start]
+    assert len(shared) > 10
+    moved = max(float((end["encoder." + k] - stored[k].float()).abs().max()) for k in shared)
+    assert moved > 1e-4  # fine-tuning changed the encoder: halfway is a point of its own
+    for k in shared:
+        torch.testing.assert_close(start[k], stored[k].float(), atol=1e-5, rtol=0, msg=k)
+    again = _run(args(0.5, tmp_path / "wise"), capsys)  # resumes from the finished state
+    assert again["test"]["auroc"] == half["test"]["auroc"]
+    resumed = safe_load(tmp_path / "wise" / "model.pt")["model"]
+    assert all(torch.equal(resumed[k], mid[k]) for k in mid)
+    rc = main(args(0.0, tmp_path / "bad"))
+    assert rc == 1 and "finetune.wise_alpha must lie in (0, 1]" in capsys.readouterr().err
+
+
 def test_imagefolder_and_csv_datasets(shared_data, tiny_weights, tmp_path, capsys):
     recs = sorted(read_records(shared_data, "oct"), key=lambda r: r.path.name)
     recs = [r for r in recs if r.dme == 0][:9] + [r for r in recs if r.dme == 1][:9]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from visionfm.tasks.classification.features import extract_features, feature_dim, pooled_features
-from visionfm.tasks.classification.finetune import EncoderClassifier, finetune_param_groups
+from visionfm.tasks.classification.finetune import EncoderClassifier, finetune_param_groups, interpolate_weights
 from visionfm.tasks.classification.heads import OrdinalOutput, Standardize, build_head, load_probe_into_head
 from visionfm.tasks.classification.knn import knn_scores
 from visionfm.tasks.classification.probe import ProbeConfig, cosine_schedule, train_probe
@@ -201,3 +201,22 @@ def test_probe_into_head_refuses_mismatches():
         load_probe_into_head(build_head("linear", 16, BINARY), build_head("linear", 16, BINARY))
     with pytest.raises(RuntimeError, match="size mismatch"):
         load_probe_into_head(probe, build_head("linear", 32, BINARY))
+
+
+def test_interpolate_weights_lies_between_the_two_states():
+    """WiSE-FT's weights: the start at 0, the fine-tuned state at 1, the linear path in between; integer buffers
+    come from the fine-tuned state; mismatched states and weights outside [0, 1] are refused by name."""
+    start = {"w": torch.zeros(2, 3), "b": torch.full((3,), 4.0), "count": torch.tensor(1)}
+    end = {"w": torch.ones(2, 3), "b": torch.zeros(3), "count": torch.tensor(7)}
+    mid = interpolate_weights(start, end, 0.25)
+    assert torch.allclose(mid["w"], torch.full((2, 3), 0.25)) and torch.allclose(mid["b"], torch.full((3,), 3.0))
+    assert int(mid["count"]) == 7
+    assert all(torch.equal(interpolate_weights(start, end, 1.0)[k], end[k]) for k in end)
+    assert all(torch.equal(interpolate_weights(start, end, 0.0)[k].float(), v.float())
+               for k, v in start.items() if v.is_floating_point())
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        interpolate_weights(start, end, 1.5)
+    with pytest.raises(ValueError, match="only after \\['extra'\\]"):
+        interpolate_weights(start, {**end, "extra": torch.zeros(1)}, 0.5)
+    with pytest.raises(ValueError, match="b: shape"):
+        interpolate_weights(start, {**end, "b": torch.zeros(4)}, 0.5)

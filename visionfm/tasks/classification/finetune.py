@@ -33,7 +33,7 @@ from .selection import Selector, resolve_select_metric, split_metrics
 from .task import ClassificationTask
 
 __all__ = ["HEAD_INITS", "FinetuneConfig", "EncoderClassifier", "train_augmentation", "predict_logits",
-           "finetune_param_groups", "finetune"]
+           "finetune_param_groups", "finetune", "interpolate_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +309,28 @@ def finetune(model: EncoderClassifier, train_set: Dataset, val_set: Dataset, tas
     selection = {"select_metric": metric, **selector.best, "history": run["history"], "steps": total,
                  "base_lr": base_lr, "batch_size": batch, **(extra or {})}
     return model, selection
+
+
+def interpolate_weights(start: Dict[str, Tensor], end: Dict[str, Tensor], alpha: float) -> Dict[str, Tensor]:
+    """WiSE-FT (Wortsman et al., CVPR 2022): the weights ``(1 - alpha) * start + alpha * end`` of two states of one
+    model (before and after fine-tuning). ``alpha`` 1 is the fine-tuned model, 0 the one it started from.
+
+    Raises:
+        ValueError: ``alpha`` outside [0, 1], or the two states do not hold the same tensors.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"the interpolation weight must lie in [0, 1], got {alpha}")
+    if start.keys() != end.keys():
+        raise ValueError(f"the two states differ: only before fine-tuning {sorted(start.keys() - end.keys())}, "
+                         f"only after {sorted(end.keys() - start.keys())}")
+    out = {}
+    for name, after in end.items():
+        before = start[name]
+        if before.shape != after.shape:
+            raise ValueError(f"{name}: shape {tuple(before.shape)} before fine-tuning, {tuple(after.shape)} after")
+        # integer buffers (counters) are not weights: they are taken from the fine-tuned state
+        out[name] = torch.lerp(before.to(after), after, alpha) if after.is_floating_point() else after.clone()
+    return out
 
 
 def _plain(value: Any) -> Any:

@@ -37,7 +37,7 @@ from ...modalities import get_modality
 from ...weights.loader import WeightsNotFoundError, load_encoder, resolve_weights
 from .data import canonical_dataset, load_classification_data
 from .features import FeatureCache, extract_features, feature_dim
-from .finetune import HEAD_INITS, EncoderClassifier, FinetuneConfig, finetune, predict_logits
+from .finetune import HEAD_INITS, EncoderClassifier, FinetuneConfig, finetune, interpolate_weights, predict_logits
 from .heads import build_head, load_probe_into_head
 from .knn import knn_scores
 from .probe import ProbeConfig, train_probe
@@ -232,9 +232,12 @@ class ClassificationExperiment:
         head_init = str(cfg.get("head_init") or "random")
         if head_init not in HEAD_INITS:
             raise ValueError(f"finetune.head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
+        wise_alpha = float(cfg.get("wise_alpha", 1.0))
+        if not 0.0 < wise_alpha <= 1.0:
+            raise ValueError(f"finetune.wise_alpha must lie in (0, 1] (1: the fine-tuned weights), got {wise_alpha}")
         extra = None
         if head_init == "probe":
-            if resume_path is not None and resume_path.is_file():
+            if resume_path is not None and resume_path.is_file() and wise_alpha == 1.0:
                 # the head comes back from the resume state with the rest: a probe trained now would be overwritten
                 log.info("LP-FT: resuming from %s; the head and its probe's record come from there", resume_path)
             else:
@@ -255,10 +258,18 @@ class ClassificationExperiment:
                                 checkpoint_every_steps=int(self.cfg["train"].get("checkpoint_every_steps", 25) or 0))
         val_set = self._cached_images(self.data.splits["val"])
         test_set = self._cached_images(self.data.splits["test"])
+        # WiSE-FT needs the weights fine-tuning starts from; a resumed run rebuilds them the same way (same seed,
+        # same probe), the resume state only holds later ones
+        start = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if wise_alpha < 1.0 else None
         model, selection = finetune(model, self._cached_images(train), val_set, self.task, ft_cfg, self.modality,
                                     self.img_size, self.device, self.amp_dtype, self.use_scaler,
                                     self.select_metric, seed, writer, resume_path=resume_path, ctx=ctx,
                                     extra=extra)
+        if start is not None:
+            ended = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            model.load_state_dict(interpolate_weights(start, ended, wise_alpha))
+            selection["wise_alpha"] = wise_alpha
+            log.info("WiSE-FT: weights %.2f of the way from the start to the chosen epoch's", wise_alpha)
         batch = int(self.cfg["data"].get("batch_size", 64))
         val_logits, _ = predict_logits(model, val_set, batch, self.device, self.amp_dtype, ctx)
         test_logits, _ = predict_logits(model, test_set, batch, self.device, self.amp_dtype, ctx)
